@@ -1,0 +1,45 @@
+"""optisplit: where to split a DNN across edge devices, predicted and measured.
+
+The public API is re-exported here lazily (heavy modules such as torch load on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> module that defines it. Add new public names here; __all__ is derived and sorted.
+_EXPORTS: dict[str, str] = {
+    "BlockProfile": "optisplit.profile",
+    "BlockTiming": "optisplit.profile",
+    "InvalidPlanError": "optisplit.errors",
+    "ModelError": "optisplit.errors",
+    "OptisplitError": "optisplit.errors",
+    "Plan": "optisplit.plan",
+    "ProfileError": "optisplit.errors",
+    "RuntimeFailure": "optisplit.errors",
+    "SearchError": "optisplit.errors",
+    "Stage": "optisplit.plan",
+    "StudyError": "optisplit.errors",
+    "TestbedError": "optisplit.errors",
+    "TraceError": "optisplit.errors",
+    "UsageError": "optisplit.errors",
+    "load_profile": "optisplit.profile",
+    "save_profile": "optisplit.profile",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'optisplit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

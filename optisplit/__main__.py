@@ -1,0 +1,7 @@
+"""``python -m optisplit`` runs the command line."""
+
+import sys
+
+from optisplit.cli import main
+
+sys.exit(main())

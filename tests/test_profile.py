@@ -1,0 +1,70 @@
+"""Profile files: round trip, scaling, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from optisplit.errors import ProfileError
+from optisplit.profile import BlockProfile, BlockTiming, load_profile, profile_path, save_profile
+
+
+def _profile() -> BlockProfile:
+    blocks = tuple(
+        BlockTiming(i, f"layer{i}", 1.0 + i, 0.9 + i, 1.2 + i, 100 * (i + 1), 10 * i, 50)
+        for i in range(3)
+    )
+    return BlockProfile(
+        device="host",
+        model="toy",
+        batch_size=2,
+        threads=1,
+        granularity="coarse",
+        input_bytes=64,
+        output_bytes=8,
+        blocks=blocks,
+        cut_names=("layer1", "layer2"),
+        interior_cut_bytes=(120, 260),
+        whole_ms=6.1,
+        provenance={"host": "x"},
+    )
+
+
+def test_round_trip_and_csv(tmp_path: Path) -> None:
+    profile = _profile()
+    path = save_profile(profile, profile_path(tmp_path, "host", "toy", 2))
+    assert path == tmp_path / "devices" / "host" / "toy-b2.json"
+    assert load_profile(path) == profile
+    csv = path.with_suffix(".csv").read_text().splitlines()
+    assert csv[0].startswith("index,name,time_ms") and len(csv) == 4
+    assert [profile.cut_bytes(c) for c in range(4)] == [64, 120, 260, 8]
+    assert profile.sum_ms == pytest.approx(6.0)
+
+
+def test_scaled() -> None:
+    scaled = _profile().scaled(10.0, "pi")
+    assert scaled.device == "pi" and scaled.sum_ms == pytest.approx(60.0)
+    assert scaled.whole_ms == pytest.approx(61.0)
+    assert scaled.provenance["scaled_from"] == "host"
+
+
+def test_bad_files_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ProfileError, match="not found: .*nope.json"):
+        load_profile(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProfileError, match="bad.json is not valid JSON"):
+        load_profile(bad)
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({**_profile().to_dict(), "schema_version": 99}))
+    with pytest.raises(ProfileError, match="schema_version 99"):
+        load_profile(future)
+    partial = tmp_path / "partial.json"
+    doc = _profile().to_dict()
+    del doc["whole_ms"]
+    partial.write_text(json.dumps({**doc}))
+    with pytest.raises(ProfileError, match="missing field 'whole_ms'"):
+        load_profile(partial)
