@@ -1,6 +1,7 @@
 """Block profiles: per-device block times, activation and parameter bytes, as files (pure, no torch).
 
-A profile file ``profiles/devices/<device>/<model>-b<batch>.json`` (schema_version 1) holds::
+A profile file ``profiles/devices/<device>/<model>-b<batch>.json`` (``-fine`` before ``.json`` at
+fine granularity; schema_version 1) holds::
 
     {"schema_version": 1, "device", "model", "batch_size", "threads", "granularity",
      "input_bytes", "output_bytes",
@@ -180,9 +181,19 @@ class BlockProfile:
             raise ProfileError(f"{source}: malformed field: {exc}") from None
 
 
-def profile_path(root: str | os.PathLike[str], device: str, model: str, batch_size: int) -> Path:
-    """Where the profile of ``model`` at ``batch_size`` on ``device`` lives under ``root``."""
-    return Path(root) / "devices" / device / f"{model}-b{batch_size}.json"
+def profile_path(
+    root: str | os.PathLike[str],
+    device: str,
+    model: str,
+    batch_size: int,
+    granularity: str = "coarse",
+) -> Path:
+    """Where a profile lives under ``root``: ``devices/<device>/<model>-b<batch>.json``.
+
+    Fine-granularity profiles carry a ``-fine`` suffix so both can sit side by side.
+    """
+    suffix = "" if granularity == "coarse" else f"-{granularity}"
+    return Path(root) / "devices" / device / f"{model}-b{batch_size}{suffix}.json"
 
 
 def load_profile(path: str | os.PathLike[str]) -> BlockProfile:
