@@ -1,0 +1,180 @@
+"""Predicted vs measured: metrics on hand-computed cases and on a study shaped like validate's."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+import pytest
+
+from optisplit.compare import PlanComparison, compare_plans, compare_study, measured_backends
+from optisplit.errors import StudyError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# plan, predicted (latency, throughput), measured (latency, throughput)
+ROWS = [
+    ("a[0:4]", (10.0, 100.0), (11.0, 90.0)),
+    ("a[0:2] -> b[2:4]", (20.0, 150.0), (19.0, 160.0)),
+    ("b[0:4]", (40.0, 50.0), (44.0, 50.0)),
+    ("b[0:1] -> a[1:4]", (30.0, 140.0), (32.0, 170.0)),
+]
+
+
+def _plans(
+    rows: list[tuple[str, tuple[float, float], tuple[float, float]]],
+) -> list[PlanComparison]:
+    return [
+        PlanComparison(plan, p[0], p[1], m[0], m[0] * 1.1, m[1], outputs_match=True)
+        for plan, p, m in rows
+    ]
+
+
+def test_errors_mape_and_spearman_match_hand_computation() -> None:
+    result = compare_plans(_plans(ROWS))
+    lat_err = [(10 - 11) / 11, (20 - 19) / 19, (40 - 44) / 44, (30 - 32) / 32]
+    thr_err = [(100 - 90) / 90, (150 - 160) / 160, 0.0, (140 - 170) / 170]
+    assert result.latency_mape == pytest.approx(100 * sum(map(abs, lat_err)) / 4)
+    assert result.throughput_mape == pytest.approx(100 * sum(map(abs, thr_err)) / 4)
+    assert result.plans[0].latency_error_pct == pytest.approx(100 * lat_err[0])
+    assert result.latency_spearman == pytest.approx(1.0)
+    # predicted throughput ranks 2,4,1,3 vs measured 2,3,1,4 -> rho = 1 - 6*2/(4*15) = 0.8
+    assert result.throughput_spearman == pytest.approx(0.8)
+
+
+def test_fronts_precision_recall_and_shared_reference_hypervolume() -> None:
+    result = compare_plans(_plans(ROWS))
+    flags = {p.plan: (p.on_predicted_front, p.on_measured_front) for p in result.plans}
+    # predicted front: a (10,100), a->b (20,150); b->a (30,140) is dominated by a->b
+    # measured front: a (11,90), a->b (19,160), b->a (32,170)
+    assert flags == {
+        "a[0:4]": (True, True),
+        "a[0:2] -> b[2:4]": (True, True),
+        "b[0:4]": (False, False),
+        "b[0:1] -> a[1:4]": (False, True),
+    }
+    assert result.front_precision == pytest.approx(1.0)
+    assert result.front_recall == pytest.approx(2 / 3)
+    ref_lat = 1.1 * 44.0
+    assert result.reference_point == (pytest.approx(ref_lat), 0.0)
+    hv_pred = (ref_lat - 10) * 100 + (ref_lat - 20) * 50
+    hv_meas = (ref_lat - 11) * 90 + (ref_lat - 19) * 70 + (ref_lat - 32) * 10
+    assert result.hv_predicted == pytest.approx(hv_pred)
+    assert result.hv_measured == pytest.approx(hv_meas)
+
+
+def test_failed_plans_are_listed_but_left_out_of_every_figure() -> None:
+    plans = [
+        *_plans(ROWS[:3]),
+        PlanComparison("b[0:1] -> a[1:4]", 30.0, 140.0, None, None, None, error="worker died"),
+    ]
+    result = compare_plans(plans)
+    assert len(result.plans) == 4
+    assert [p.plan for p in result.failed] == ["b[0:1] -> a[1:4]"]
+    assert result.failed[0].latency_error_pct is None
+    assert not result.failed[0].on_measured_front
+    assert result.latency_mape == pytest.approx(100 * (1 / 11 + 1 / 19 + 4 / 44) / 3)
+    doc = result.to_dict()
+    assert doc["plans"][3]["error"] == "worker died"
+
+
+def test_spearman_is_none_when_undefined() -> None:
+    result = compare_plans(_plans(ROWS[:2]))
+    assert result.latency_spearman is None
+    assert result.throughput_spearman is None
+    empty = compare_plans([])
+    assert empty.latency_mape is None and empty.hv_measured is None
+    assert empty.front_precision is None
+
+
+def _measured(latency: float, throughput: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "latency_ms": latency,
+        "latency_p95_ms": latency * 1.2,
+        "throughput_rps": throughput,
+        "items_per_s": throughput,
+        "requests": 5,
+        "outputs_match": True,
+        "error": None,
+        "stages": [],
+        "transfers": [],
+        **extra,
+    }
+
+
+def make_study(
+    rows: list[tuple[str, tuple[float, float], tuple[float, float]]] = ROWS,
+    *,
+    backends: tuple[str, ...] = ("socket",),
+    storage: str | None = None,
+    name: str = "demo-study",
+) -> optuna.Study:
+    """A study shaped like search + validate write it (shared with test_report)."""
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=["minimize", "maximize"]
+    )
+    for key, value in {
+        "model": "toy",
+        "testbed": "local",
+        "batch_size": 1,
+        "granularity": "coarse",
+        "condition": None,
+        "profiles_root": "profiles",
+    }.items():
+        study.set_user_attr(key, value)
+    for plan, pred, meas in rows:
+        attrs: dict[str, Any] = {
+            "plan": plan,
+            "engine": "exact",
+            "latency_ms": pred[0],
+            "throughput_rps": pred[1],
+            "items_per_s": pred[1],
+            "memory_bytes": {"a": 1000},
+            "feasible": True,
+            "on_front": True,
+        }
+        for backend in backends:
+            attrs[f"measured_{backend}"] = _measured(*meas)
+        study.add_trial(optuna.trial.create_trial(values=list(pred), user_attrs=attrs))
+    # a predicted-only trial (never validated) is ignored by compare
+    study.add_trial(
+        optuna.trial.create_trial(
+            values=[99.0, 1.0],
+            user_attrs={"plan": "c[0:4]", "latency_ms": 99.0, "throughput_rps": 1.0},
+        )
+    )
+    return study
+
+
+def test_compare_study_reads_trials_and_picks_the_backend() -> None:
+    study = make_study(backends=("rpc", "socket"))
+    assert measured_backends(study) == ["socket", "rpc"]
+    result = compare_study(study)
+    assert result.backend == "socket"
+    assert result.study == "demo-study"
+    assert sorted(p.plan for p in result.plans) == sorted(r[0] for r in ROWS)
+    assert result.info["testbed"] == "local"
+    assert compare_study(study, backend="rpc").latency_mape == pytest.approx(result.latency_mape)
+    doc = result.to_dict()
+    for key in (
+        "latency_mape",
+        "throughput_mape",
+        "latency_spearman",
+        "throughput_spearman",
+        "hv_predicted",
+        "hv_measured",
+        "front_precision",
+        "front_recall",
+        "plans",
+    ):
+        assert key in doc
+    assert math.isfinite(doc["hv_measured"])
+
+
+def test_compare_study_without_measurements_is_a_one_line_error() -> None:
+    study = make_study(backends=())
+    with pytest.raises(StudyError, match="no measured plans"):
+        compare_study(study)
+    with pytest.raises(StudyError, match="rpc backend"):
+        compare_study(make_study(), backend="rpc")
