@@ -37,6 +37,7 @@ __all__ = [
     "compare_plans",
     "compare_study",
     "measured_backends",
+    "plans_from_results",
 ]
 
 BACKENDS = ("socket", "rpc", "inprocess")
@@ -233,6 +234,32 @@ def compare_study(study: optuna.Study, *, backend: str | None = None) -> Compari
         )
     info = {k: study.user_attrs[k] for k in sorted(study.user_attrs)}
     return compare_plans(plans, backend=backend, study=study.study_name, info=info)
+
+
+def plans_from_results(results: Sequence[Mapping[str, Any]]) -> list[PlanComparison]:
+    """Per-plan comparisons from ``validate_plans`` result dicts (the ``validate --json`` form).
+
+    Each result holds ``plan``, ``predicted`` {latency_ms, throughput_rps}, ``measured``
+    {latency_ms, latency_p95_ms, throughput_rps, ...}, ``outputs_match`` and ``error``.
+    """
+    plans = []
+    for result in results:
+        predicted = result.get("predicted") or {}
+        measured = result.get("measured") or {}
+        error = result.get("error") or measured.get("error")
+        plans.append(
+            PlanComparison(
+                plan=str(result["plan"]),
+                predicted_latency_ms=float(predicted["latency_ms"]),
+                predicted_throughput_rps=float(predicted["throughput_rps"]),
+                measured_latency_ms=_opt_float(measured.get("latency_ms")),
+                measured_latency_p95_ms=_opt_float(measured.get("latency_p95_ms")),
+                measured_throughput_rps=_opt_float(measured.get("throughput_rps")),
+                outputs_match=result.get("outputs_match", measured.get("outputs_match")),
+                error=str(error) if error else None,
+            )
+        )
+    return plans
 
 
 def _plan_from_trial(attrs: Mapping[str, Any], key: str) -> PlanComparison:
