@@ -22,6 +22,7 @@ may pass through switches and other devices.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -144,7 +145,7 @@ class Testbed:
         """The links of the least-RTT route from ``src`` to ``dst``, in order (empty if equal)."""
         nodes = self.path(src, dst)
         graph = self.graph()
-        return [graph.edges[u, v]["link"] for u, v in zip(nodes, nodes[1:])]
+        return [graph.edges[u, v]["link"] for u, v in itertools.pairwise(nodes)]
 
     def with_links(self, *, rtt_ms: float | None = None, mbps: float | None = None) -> Testbed:
         """A copy where every link takes ``rtt_ms`` and/or ``mbps`` (``None`` keeps each value)."""
