@@ -10,8 +10,11 @@ from typing import Any
 
 # name -> module that defines it. Add new public names here; __all__ is derived and sorted.
 _EXPORTS: dict[str, str] = {
+    "BlockInfo": "optisplit.chain",
     "BlockProfile": "optisplit.profile",
     "BlockTiming": "optisplit.profile",
+    "Chain": "optisplit.chain",
+    "CutInfo": "optisplit.chain",
     "InvalidPlanError": "optisplit.errors",
     "ModelError": "optisplit.errors",
     "OptisplitError": "optisplit.errors",
@@ -21,11 +24,18 @@ _EXPORTS: dict[str, str] = {
     "SearchError": "optisplit.errors",
     "Stage": "optisplit.plan",
     "StudyError": "optisplit.errors",
+    "TensorInfo": "optisplit.chain",
     "TestbedError": "optisplit.errors",
     "TraceError": "optisplit.errors",
     "UsageError": "optisplit.errors",
+    "build_model": "optisplit.zoo",
+    "example_input": "optisplit.zoo",
+    "input_size": "optisplit.zoo",
+    "list_models": "optisplit.zoo",
+    "load_chain": "optisplit.chain",
     "load_profile": "optisplit.profile",
     "save_profile": "optisplit.profile",
+    "trace": "optisplit.chain",
 }
 
 __all__ = sorted(_EXPORTS)
