@@ -1,0 +1,271 @@
+"""Measuring a live deployment: latency, throughput, correctness, per-request timestamps.
+
+Definitions (DESIGN §5):
+
+- **latency**: one request in flight; from ``submit`` at the source to ``receive`` at the sink on
+  the orchestrator's monotonic clock; p50 and p95 over ``requests`` after ``warmup``.
+- **throughput**: closed loop with ``depth`` requests in flight; completions per second over the
+  steady window, which opens when the last warm-up request completes and closes with the last.
+- **correctness**: every output of every request is compared with the single-process model's
+  output for the same input (``allclose``, rtol 1e-4, atol 1e-4 × the largest magnitude).
+- **per-stage compute** is the median of ``compute end - compute start`` on the stage's own clock
+  (latency phase); **hop times** are ``receive(i+1) - send(i)`` and need one clock, so they are
+  reported only when every stage runs on the orchestrator's host (``Deployment.same_clock``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from optisplit.errors import RuntimeFailure
+from optisplit.runtime.base import STAMPS_PER_STAGE, Deployment, Reply
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Measurement", "measure", "stamp_columns"]
+
+OnRequest = Callable[[str, int, int], None]
+"""Called after each completed request with (phase, done, total)."""
+
+
+@dataclass
+class Measurement:
+    """What one plan did on a live deployment (the ``measured`` object of ``validate``)."""
+
+    latency_ms: float
+    latency_p95_ms: float
+    throughput_rps: float
+    items_per_s: float
+    requests: int
+    outputs_match: bool
+    max_abs_diff: float
+    stages: list[dict[str, Any]]
+    transfers: list[dict[str, Any]]
+    rows: list[list[Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "latency_ms": self.latency_ms,
+            "latency_p95_ms": self.latency_p95_ms,
+            "throughput_rps": self.throughput_rps,
+            "items_per_s": self.items_per_s,
+            "requests": self.requests,
+            "stages": self.stages,
+            "transfers": self.transfers,
+        }
+
+
+def stamp_columns(devices: Sequence[str]) -> list[str]:
+    """CSV header of the timestamp rows: phase, request id, sent, per-stage stamps, received."""
+    per_stage = ("recv", "compute_start", "compute_end", "send")
+    cols = ["phase", "request_id", "sent"]
+    for i, device in enumerate(devices):
+        cols += [f"s{i}_{device}_{name}" for name in per_stage]
+    return [*cols, "received"]
+
+
+class _Checker:
+    def __init__(self, expected: Sequence[Sequence[torch.Tensor]] | None) -> None:
+        self.expected = expected
+        self.match = True
+        self.max_abs_diff = 0.0
+
+    def check(self, reply: Reply, index: int) -> None:
+        if self.expected is None:
+            return
+        import torch
+
+        want = self.expected[index % len(self.expected)]
+        if len(want) != len(reply.outputs):
+            self.match = False
+            return
+        for got, ref in zip(reply.outputs, want):
+            if got.shape != ref.shape or got.dtype != ref.dtype:
+                self.match = False
+                continue
+            diff = float((got.float() - ref.float()).abs().max()) if ref.numel() else 0.0
+            self.max_abs_diff = max(self.max_abs_diff, diff)
+            scale = float(ref.float().abs().max()) if ref.numel() else 1.0
+            if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * max(scale, 1.0)):
+                self.match = False
+
+
+def measure(
+    deployment: Deployment,
+    inputs: Sequence[Sequence[torch.Tensor]],
+    expected: Sequence[Sequence[torch.Tensor]] | None,
+    *,
+    requests: int = 20,
+    warmup: int = 3,
+    depth: int | None = None,
+    batch_size: int = 1,
+    timeout_s: float = 120.0,
+    source: str = "source",
+    sink: str = "sink",
+    on_request: OnRequest | None = None,
+) -> Measurement:
+    """Run the latency phase then the throughput phase on ``deployment``.
+
+    Args:
+        inputs: request inputs, used in turn (request i gets ``inputs[i % len]``).
+        expected: the single-process outputs for ``inputs`` (None: not checked).
+        depth: requests in flight in the throughput phase (default 2 × stages).
+        source, sink: device names for the first and last hop in ``transfers``.
+
+    Raises:
+        RuntimeFailure: a stage failed or a reply did not come within ``timeout_s``.
+    """
+    if requests < 1:
+        raise RuntimeFailure(f"requests must be >= 1, got {requests}")
+    depth = depth or 2 * len(deployment.stages)
+    checker = _Checker(expected)
+    deployment.reset_stats()
+    lat_rows = _latency_phase(deployment, inputs, checker, requests, warmup, timeout_s, on_request)
+    stats = deployment.stats()
+    tput_requests = max(requests, 2 * depth)
+    tput_rows, rps = _throughput_phase(
+        deployment, inputs, checker, tput_requests, warmup, depth, timeout_s, on_request
+    )
+    latencies = sorted((r[-1] - r[2]) * 1e3 for r in lat_rows)
+    return Measurement(
+        latency_ms=statistics.median(latencies),
+        latency_p95_ms=_quantile(latencies, 0.95),
+        throughput_rps=rps,
+        items_per_s=rps * batch_size,
+        requests=len(lat_rows) + len(tput_rows),
+        outputs_match=checker.match,
+        max_abs_diff=checker.max_abs_diff,
+        stages=_stage_summary(deployment, lat_rows, stats),
+        transfers=_transfer_summary(deployment, lat_rows, source, sink),
+        rows=lat_rows + tput_rows,
+    )
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _row(phase: str, sent: float, reply: Reply, n_stages: int) -> list[Any]:
+    if len(reply.stamps) != STAMPS_PER_STAGE * n_stages:
+        raise RuntimeFailure(
+            f"reply {reply.request_id} carries {len(reply.stamps)} timestamps, "
+            f"expected {STAMPS_PER_STAGE * n_stages}"
+        )
+    return [phase, reply.request_id, sent, *reply.stamps, reply.received]
+
+
+def _latency_phase(
+    deployment: Deployment,
+    inputs: Sequence[Sequence[torch.Tensor]],
+    checker: _Checker,
+    requests: int,
+    warmup: int,
+    timeout_s: float,
+    on_request: OnRequest | None,
+) -> list[list[Any]]:
+    rows = []
+    for i in range(warmup + requests):
+        sent = deployment.submit(i, inputs[i % len(inputs)])
+        reply = deployment.receive(timeout_s)
+        if reply.request_id != i:
+            raise RuntimeFailure(f"expected reply {i}, got {reply.request_id}")
+        checker.check(reply, i)
+        if i >= warmup:
+            rows.append(_row("latency", sent, reply, len(deployment.stages)))
+            if on_request is not None:
+                on_request("latency", len(rows), requests)
+    return rows
+
+
+def _throughput_phase(
+    deployment: Deployment,
+    inputs: Sequence[Sequence[torch.Tensor]],
+    checker: _Checker,
+    requests: int,
+    warmup: int,
+    depth: int,
+    timeout_s: float,
+    on_request: OnRequest | None,
+) -> tuple[list[list[Any]], float]:
+    base = 1_000_000
+    total = warmup + requests
+    sent: dict[int, float] = {}
+    rows: list[list[Any]] = []
+    submitted = 0
+    window_start = None
+    for _ in range(min(depth, total)):
+        sent[base + submitted] = deployment.submit(
+            base + submitted, inputs[submitted % len(inputs)]
+        )
+        submitted += 1
+    for done in range(1, total + 1):
+        reply = deployment.receive(timeout_s)
+        index = reply.request_id - base
+        checker.check(reply, index)
+        if submitted < total:
+            sent[base + submitted] = deployment.submit(
+                base + submitted, inputs[submitted % len(inputs)]
+            )
+            submitted += 1
+        if done == warmup:
+            window_start = reply.received
+        elif done > warmup:
+            rows.append(
+                _row("throughput", sent.pop(reply.request_id), reply, len(deployment.stages))
+            )
+            if on_request is not None:
+                on_request("throughput", len(rows), requests)
+    if window_start is None:
+        window_start = min(r[2] for r in rows)
+    elapsed = rows[-1][-1] - window_start
+    return rows, requests / elapsed if elapsed > 0 else float("nan")
+
+
+def _stage_summary(
+    deployment: Deployment, rows: list[list[Any]], stats: Sequence[Any]
+) -> list[dict[str, Any]]:
+    out = []
+    for i, stage in enumerate(deployment.stages):
+        if stage.relay:
+            continue
+        base = 3 + STAMPS_PER_STAGE * i
+        compute = [(r[base + 2] - r[base + 1]) * 1e3 for r in rows]
+        out.append(
+            {
+                "device": stage.device,
+                "start": stage.start,
+                "end": stage.end,
+                "compute_ms": statistics.median(compute),
+                "cpu_percent": stats[i].cpu_percent,
+                "memory_bytes": stats[i].memory_bytes,
+            }
+        )
+    return out
+
+
+def _transfer_summary(
+    deployment: Deployment, rows: list[list[Any]], source: str, sink: str
+) -> list[dict[str, Any]]:
+    names = [source, *(s.device for s in deployment.stages), sink]
+    out = []
+    n = len(deployment.stages)
+    for hop in range(n + 1):
+        if hop == 0:
+            send_col, recv_col = 2, 3
+        else:
+            send_col = 3 + STAMPS_PER_STAGE * (hop - 1) + 3
+            recv_col = 3 + STAMPS_PER_STAGE * hop if hop < n else 3 + STAMPS_PER_STAGE * n
+        ms: float | None = None
+        if deployment.same_clock:
+            ms = statistics.median((r[recv_col] - r[send_col]) * 1e3 for r in rows)
+        out.append({"src": names[hop], "dst": names[hop + 1], "ms": ms})
+    return out

@@ -1,0 +1,159 @@
+"""Building a stage's block range from a model spec, running it, and sampling its process."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optisplit.errors import ModelError, RuntimeFailure
+from optisplit.runtime.base import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ResourceSampler", "build_stage", "file_sha256", "run_stage"]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_stage(
+    spec: ModelSpec, start: int, end: int, *, torch_device: str = "cpu"
+) -> torch.nn.Module:
+    """The runnable module of blocks ``start .. end-1`` (identity when ``start == end``).
+
+    Raises:
+        RuntimeFailure: the weights file does not match its hash, or the range does not fit.
+        ModelError: unknown model or factory.
+    """
+    import torch
+
+    if start == end:
+        return _Relay()
+    if spec.weights is not None:
+        _check_weights(spec.weights, spec.weights_sha256)
+    from optisplit.chain import load_chain
+
+    chain = load_chain(
+        spec.model,
+        batch_size=spec.batch_size,
+        granularity=spec.granularity,
+        module=spec.module,
+        weights=spec.weights,
+        seed=spec.seed,
+    )
+    if not 0 <= start < end <= chain.n_blocks:
+        raise RuntimeFailure(
+            f"block range [{start}:{end}] does not fit {spec.model} ({chain.n_blocks} blocks)"
+        )
+    module = chain.stage_module(start, end).eval()
+    del chain
+    return module.to(torch.device(torch_device))
+
+
+def _check_weights(path: str, expected: str | None) -> None:
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise ModelError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+    if expected is not None and actual != expected.lower():
+        raise RuntimeFailure(
+            f"weights file {path} has SHA-256 {actual[:16]}..., expected {expected[:16]}..."
+        )
+
+
+class _Relay:
+    """Passes its inputs on unchanged: a source or sink device that runs no blocks."""
+
+    def __call__(self, *tensors: Any) -> tuple[Any, ...]:
+        return tuple(tensors)
+
+    def eval(self) -> _Relay:
+        return self
+
+
+def run_stage(
+    module: Any, inputs: Sequence[torch.Tensor], torch_device: str = "cpu"
+) -> tuple[tuple[torch.Tensor, ...], float, float]:
+    """Run one stage; returns its outputs (on the CPU) and the compute start and end times."""
+    import torch
+
+    with torch.inference_mode():
+        begin = time.perf_counter()
+        if torch_device != "cpu":
+            inputs = [t.to(torch_device, non_blocking=True) for t in inputs]
+        out = module(*inputs)
+        outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        if torch_device != "cpu":
+            outputs = tuple(t.cpu() for t in outputs)
+        end = time.perf_counter()
+    return outputs, begin, end
+
+
+class ResourceSampler:
+    """CPU utilisation and peak memory of one process over a window, sampled with psutil.
+
+    CPU is the process's user + system time over wall time (100 = one core busy), memory the
+    largest resident set size seen by a background sampler (every ``interval_s``).
+    """
+
+    def __init__(self, pid: int | None = None, *, interval_s: float = 0.1) -> None:
+        import psutil
+
+        self._proc = psutil.Process(pid)
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="resource-sampler", daemon=True)
+        self.reset()
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._cpu0 = self._cpu_seconds()
+            self._wall0 = time.perf_counter()
+            self._peak_rss = self._rss()
+
+    def read(self) -> tuple[float, int]:
+        """(cpu_percent, peak memory bytes) since the last reset."""
+        with self._lock:
+            cpu = self._cpu_seconds() - self._cpu0
+            wall = max(time.perf_counter() - self._wall0, 1e-9)
+            self._peak_rss = max(self._peak_rss, self._rss())
+            return 100.0 * cpu / wall, self._peak_rss
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _cpu_seconds(self) -> float:
+        import psutil
+
+        try:
+            times = self._proc.cpu_times()
+        except psutil.Error:  # the process is gone; it uses no more CPU
+            return 0.0
+        return float(times.user + times.system)
+
+    def _rss(self) -> int:
+        import psutil
+
+        try:
+            return int(self._proc.memory_info().rss)
+        except psutil.Error:  # the process is gone; it holds no memory
+            return 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            rss = self._rss()
+            with self._lock:
+                self._peak_rss = max(self._peak_rss, rss)
