@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 
+from optisplit.cli import main
 from optisplit.compare import PlanComparison, compare_plans, compare_study, measured_backends
 from optisplit.errors import StudyError
 
@@ -178,3 +181,30 @@ def test_compare_study_without_measurements_is_a_one_line_error() -> None:
         compare_study(study)
     with pytest.raises(StudyError, match="rpc backend"):
         compare_study(make_study(), backend="rpc")
+
+
+def test_cli_compare_json_plot_and_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    make_study(storage=url, name="s1")
+    code = main(
+        ["compare", "--study", "s1", "--storage", url, "--json", "--out-dir", str(tmp_path)]
+    )
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["backend"] == "socket"
+    assert len(doc["plans"]) == len(ROWS)
+    assert doc["front_recall"] == pytest.approx(2 / 3)
+    assert Path(doc["plot"]) == tmp_path / "s1" / "compare-socket.png"
+    assert Path(doc["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert "latency MAPE" in Path(doc["report"]).read_text()
+
+
+def test_cli_compare_missing_study_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    assert main(["compare", "--study", "nope", "--storage", url]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no study named 'nope'" in err[0]
