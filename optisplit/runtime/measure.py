@@ -45,6 +45,8 @@ class Measurement:
     max_abs_diff: float
     stages: list[dict[str, Any]]
     transfers: list[dict[str, Any]]
+    devices: list[str] = field(default_factory=list)
+    """Devices of the deployed stages in timestamp order (relays included)."""
     rows: list[list[Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +143,7 @@ def measure(
         max_abs_diff=checker.max_abs_diff,
         stages=_stage_summary(deployment, lat_rows, stats),
         transfers=_transfer_summary(deployment, lat_rows, source, sink),
+        devices=[s.device for s in deployment.stages],
         rows=lat_rows + tput_rows,
     )
 
