@@ -34,6 +34,9 @@ _EXPORTS: dict[str, str] = {
     "list_models": "optisplit.zoo",
     "load_chain": "optisplit.chain",
     "load_profile": "optisplit.profile",
+    "profile_chain": "optisplit.profiler",
+    "profile_model": "optisplit.profiler",
+    "profile_module": "optisplit.profiler",
     "save_profile": "optisplit.profile",
     "trace": "optisplit.chain",
 }

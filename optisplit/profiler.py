@@ -1,0 +1,389 @@
+"""Measuring a chain's blocks on this device: time per block, whole-model time, peak block memory.
+
+Method (issue 2): the model is traced in a sandboxed deep copy; one forward pass through the
+per-block stage modules captures every block's real input; then, ``warmup + repeats`` rounds
+each time every block once and the whole (eager) model once, interleaved, so that slow drifts of
+the machine hit blocks and whole model alike. Everything runs under ``torch.inference_mode`` with
+``torch.set_num_threads(threads)`` and the garbage collector paused. A block that writes into its
+inputs in place is given fresh copies before each timed call (copied outside the timed region).
+
+``mem_bytes`` (peak extra memory of a block) is the peak, over the block's run, of the bytes of
+tensor storages the block itself allocated and still holds alive (its outputs included; its inputs
+and the parameters excluded), counted per storage through a ``TorchDispatchMode`` in one extra,
+untimed run. Allocator caching and kernels' private scratch buffers are not included.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import gc
+import logging
+import os
+import platform
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from optisplit.errors import UsageError
+from optisplit.profile import BlockProfile, BlockTiming
+
+if TYPE_CHECKING:
+    import torch
+
+    from optisplit.chain import Chain
+
+__all__ = [
+    "DEFAULT_REPEATS",
+    "DEFAULT_WARMUP",
+    "profile_chain",
+    "profile_model",
+    "profile_module",
+]
+
+DEFAULT_WARMUP = 3
+DEFAULT_REPEATS = 20
+_log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""``on_progress(rounds_done, rounds_total)``."""
+
+
+def profile_model(
+    model: str,
+    *,
+    device: str,
+    batch_size: int = 1,
+    granularity: str = "coarse",
+    threads: int = 1,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
+    clock: str = "wall",
+    module: str | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+    on_progress: Progress | None = None,
+) -> BlockProfile:
+    """Build a zoo (or user) model, trace it and profile it on this host as ``device``.
+
+    Raises:
+        ModelError, UsageError, TraceError: as :func:`optisplit.chain.load_chain`.
+    """
+    from optisplit.chain import load_chain
+
+    _check_counts(threads, warmup, repeats)
+    # A freshly built model belongs to us: it is already the sandbox.
+    chain = load_chain(
+        model,
+        batch_size=batch_size,
+        granularity=granularity,
+        module=module,
+        weights=weights,
+        seed=seed,
+    )
+    return profile_chain(
+        chain,
+        device=device,
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        clock=clock,
+        on_progress=on_progress,
+        sandbox=False,
+    )
+
+
+def profile_module(
+    model: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    device: str,
+    name: str = "model",
+    granularity: str = "coarse",
+    threads: int = 1,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
+    clock: str = "wall",
+    on_progress: Progress | None = None,
+) -> BlockProfile:
+    """Profile a user's ``nn.Module`` on this host; the module itself is never touched."""
+    from optisplit.chain import trace
+
+    _check_counts(threads, warmup, repeats)
+    chain = trace(copy.deepcopy(model), example_inputs, granularity=granularity, name=name)
+    return profile_chain(
+        chain,
+        device=device,
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        clock=clock,
+        on_progress=on_progress,
+        sandbox=False,
+    )
+
+
+def profile_chain(
+    chain: Chain,
+    *,
+    device: str,
+    threads: int = 1,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
+    clock: str = "wall",
+    on_progress: Progress | None = None,
+    sandbox: bool = True,
+) -> BlockProfile:
+    """Profile every block of ``chain`` and the whole model on this host as ``device``.
+
+    Args:
+        chain: the traced model.
+        device: the device name the profile is for.
+        threads: ``torch.set_num_threads`` while measuring (restored afterwards).
+        warmup: untimed rounds first.
+        repeats: timed rounds; medians and p10/p90 come from these.
+        clock: ``"wall"`` (monotonic wall clock: what a device really takes, CPU-quota
+            throttling included) or ``"cpu"`` (this thread's CPU time; only with one thread:
+            immune to other processes on a shared host, blind to throttling).
+        on_progress: called after each round with ``(done, total)``.
+        sandbox: trace a deep copy of ``chain.model`` first (set False if the chain is yours).
+    """
+    import torch
+
+    from optisplit.chain import trace
+
+    _check_counts(threads, warmup, repeats)
+    timer = _timer(clock, threads)
+    if sandbox:
+        chain = trace(
+            copy.deepcopy(chain.model),
+            chain.example_inputs,
+            granularity=chain.granularity,
+            name=chain.name,
+        )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            block_ms, whole_ms, mem = _measure(chain, warmup, repeats, timer, on_progress)
+    finally:
+        torch.set_num_threads(previous)
+    settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "clock": clock}
+    return _build_profile(chain, device, settings, block_ms, whole_ms, mem)
+
+
+def _check_counts(threads: int, warmup: int, repeats: int) -> None:
+    if threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
+    if warmup < 0:
+        raise UsageError(f"warmup must be 0 or more, got {warmup}")
+    if repeats < 1:
+        raise UsageError(f"repeats must be at least 1, got {repeats}")
+
+
+def _timer(clock: str, threads: int) -> Callable[[], int]:
+    if clock == "wall":
+        return time.perf_counter_ns
+    if clock == "cpu":
+        if threads != 1:
+            raise UsageError(f"the cpu clock measures one thread only; got threads={threads}")
+        return time.thread_time_ns
+    raise UsageError(f"unknown clock {clock!r}; choose wall or cpu")
+
+
+def _measure(
+    chain: Chain,
+    warmup: int,
+    repeats: int,
+    timer: Callable[[], int],
+    on_progress: Progress | None,
+) -> tuple[list[list[float]], list[float], list[int]]:
+    """Interleaved timing rounds; returns per-block times, whole-model times, peak memory."""
+    stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
+    inputs = _capture_inputs(stages, chain.example_inputs)
+    whole = _Timed(chain.model, chain.example_inputs, timer)
+    timed = [_Timed(stage, args, timer) for stage, args in zip(stages, inputs)]
+    block_ms: list[list[float]] = [[] for _ in stages]
+    whole_ms: list[float] = []
+    total = warmup + repeats
+    gc.collect()
+    gc.disable()
+    try:
+        for round_ in range(total):
+            for i, block in enumerate(timed):
+                ms = block.run()
+                if round_ >= warmup:
+                    block_ms[i].append(ms)
+            ms = whole.run()
+            if round_ >= warmup:
+                whole_ms.append(ms)
+            if on_progress is not None:
+                on_progress(round_ + 1, total)
+    finally:
+        gc.enable()
+    mem = [_peak_bytes(stage, args) for stage, args in zip(stages, inputs)]
+    return block_ms, whole_ms, mem
+
+
+def _capture_inputs(
+    stages: Sequence[torch.nn.Module], first: tuple[torch.Tensor, ...]
+) -> list[tuple[torch.Tensor, ...]]:
+    inputs = [tuple(t.clone() for t in first)]
+    for stage in stages[:-1]:
+        inputs.append(tuple(t.clone() for t in stage(*inputs[-1])))
+    return inputs
+
+
+class _Timed:
+    """A module and its captured inputs; copies them per call only if it writes into them."""
+
+    def __init__(
+        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], timer: Callable[[], int]
+    ) -> None:
+        import torch
+
+        self._timer = timer
+        self._module = module
+        self._args = args
+        before = tuple(t.clone() for t in args)
+        module(*before)
+        self._copy = not all(torch.equal(a, b) for a, b in zip(before, args))
+
+    def run(self) -> float:
+        args = tuple(t.clone() for t in self._args) if self._copy else self._args
+        start = self._timer()
+        self._module(*args)
+        return (self._timer() - start) / 1e6
+
+
+def _peak_bytes(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> int:
+    fresh = tuple(t.clone() for t in args)
+    tracker = _make_tracker(fresh)
+    with tracker:
+        out = module(*fresh)
+    del out
+    return int(tracker.peak)
+
+
+def _make_tracker(args: tuple[torch.Tensor, ...]) -> Any:
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class PeakMemory(TorchDispatchMode):  # type: ignore[misc]
+        """Sums the storages allocated by ops while any tensor viewing them is alive."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: dict[int, list[int]] = {}
+            self.current = 0
+            self.peak = 0
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor):
+                    self._track(value)
+            return out
+
+        def _track(self, tensor: torch.Tensor) -> None:
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in outside:
+                return
+            entry = self.live.get(key)
+            if entry is None:
+                entry = self.live[key] = [storage.nbytes(), 0]
+                self.current += entry[0]
+                self.peak = max(self.peak, self.current)
+            entry[1] += 1
+            weakref.finalize(tensor, self._release, key)
+
+        def _release(self, key: int) -> None:
+            entry = self.live.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[key]
+
+    # The block's inputs are not its own allocations, even when it writes into them in place.
+    outside = {t.untyped_storage().data_ptr() for t in args}
+    return PeakMemory()
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def _build_profile(
+    chain: Chain,
+    device: str,
+    settings: dict[str, Any],
+    block_ms: list[list[float]],
+    whole_ms: list[float],
+    mem: list[int],
+) -> BlockProfile:
+    blocks = tuple(
+        BlockTiming(
+            index=i,
+            name=info.name,
+            time_ms=_percentile(block_ms[i], 50),
+            time_p10_ms=_percentile(block_ms[i], 10),
+            time_p90_ms=_percentile(block_ms[i], 90),
+            out_bytes=chain.block_out_bytes(i),
+            param_bytes=info.param_bytes,
+            mem_bytes=mem[i],
+        )
+        for i, info in enumerate(chain.blocks)
+    )
+    return BlockProfile(
+        device=device,
+        model=chain.name,
+        batch_size=chain.batch_size,
+        threads=int(settings["threads"]),
+        granularity=chain.granularity,
+        input_bytes=chain.input_bytes,
+        output_bytes=chain.output_bytes,
+        blocks=blocks,
+        cut_names=tuple(c.name for c in chain.cuts),
+        interior_cut_bytes=tuple(c.bytes for c in chain.cuts),
+        whole_ms=_percentile(whole_ms, 50),
+        provenance=_provenance(settings, whole_ms),
+    )
+
+
+def _provenance(settings: dict[str, Any], whole_ms: list[float]) -> dict[str, Any]:
+    import torch
+
+    import optisplit
+
+    return {
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "optisplit": optisplit.__version__,
+        **settings,
+        "whole_p10_ms": _percentile(whole_ms, 10),
+        "whole_p90_ms": _percentile(whole_ms, 90),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
