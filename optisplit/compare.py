@@ -221,11 +221,17 @@ def compare_study(study: optuna.Study, *, backend: str | None = None) -> Compari
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     key = f"measured_{backend}"
-    plans = [
-        _plan_from_trial(trial.user_attrs, key)
-        for trial in study.get_trials(deepcopy=False)
-        if key in trial.user_attrs and "plan" in trial.user_attrs
-    ]
+    # a plan evaluated by several engines (or searches) has several trials with one measurement
+    by_plan: dict[str, Mapping[str, Any]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if key in attrs and "plan" in attrs:
+            text = str(attrs["plan"])
+            if text not in by_plan or (
+                attrs.get("on_front") and not by_plan[text].get("on_front")
+            ):
+                by_plan[text] = attrs
+    plans = [_plan_from_trial(attrs, key) for attrs in by_plan.values()]
     if not plans:
         measured = ", ".join(available) or "none"
         raise StudyError(
@@ -241,10 +247,13 @@ def plans_from_results(results: Sequence[Mapping[str, Any]]) -> list[PlanCompari
 
     Each result holds ``plan``, ``predicted`` {latency_ms, throughput_rps}, ``measured``
     {latency_ms, latency_p95_ms, throughput_rps, ...}, ``outputs_match`` and ``error``.
+    Results without a prediction (``predicted`` None: profiles missing) are left out.
     """
     plans = []
     for result in results:
-        predicted = result.get("predicted") or {}
+        predicted = result.get("predicted")
+        if not predicted:  # no profiles for the prediction: nothing to compare against
+            continue
         measured = result.get("measured") or {}
         error = result.get("error") or measured.get("error")
         plans.append(

@@ -208,3 +208,23 @@ def test_cli_compare_missing_study_is_one_line(
     assert main(["compare", "--study", "nope", "--storage", url]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no study named 'nope'" in err[0]
+
+
+def test_a_plan_recorded_by_several_engines_counts_once() -> None:
+    study = make_study()
+    plan, pred, meas = ROWS[0]
+    study.add_trial(
+        optuna.trial.create_trial(
+            values=list(pred),
+            user_attrs={
+                "plan": plan,
+                "engine": "nsga2",
+                "latency_ms": pred[0],
+                "throughput_rps": pred[1],
+                "on_front": False,
+                "measured_socket": _measured(*meas),
+            },
+        )
+    )
+    result = compare_study(study)
+    assert sorted(p.plan for p in result.plans) == sorted(r[0] for r in ROWS)
