@@ -1,0 +1,127 @@
+"""``optisplit demo``: the whole pipeline on the local emulated testbed, in a few minutes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from optisplit.cli._common import add_json_flag, positive_int, print_json, print_table, progress
+
+if TYPE_CHECKING:
+    from optisplit.demo import DemoResult
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="emulated testbed -> profiles -> exact front -> validation -> comparison report",
+        description=(
+            "Bring up the local emulated testbed (two devices of different speed joined by a "
+            "shaped link; plain loopback processes with a warning when not root), profile the "
+            "model on each device inside its sandbox, search the exact front into a new study, "
+            "validate every front plan, compare predicted with measured, and write the report "
+            "and plot under OUT/<study>/. Ctrl-C at any point leaves nothing behind."
+        ),
+    )
+    parser.add_argument("--model", default="resnet18", help="model (default: resnet18)")
+    parser.add_argument("--backend", choices=("socket", "rpc"), default="socket")
+    parser.add_argument("--testbed", default="local", help="testbed (default: local)")
+    parser.add_argument("--out", default="studies", help="reports folder (default: studies)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite)")
+    parser.add_argument("--study", default=None, help="study name (default: demo-<...>-<time>)")
+    parser.add_argument("--profiles", default="profiles", help="profiles folder")
+    parser.add_argument(
+        "--requests", type=positive_int, default=10, help="measured requests per plan"
+    )
+    parser.add_argument("--warmup", type=positive_int, default=2, help="warm-up requests per plan")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=15, help="timed rounds per block when profiling"
+    )
+    parser.add_argument(
+        "--reprofile", action="store_true", help="measure profiles even when they exist"
+    )
+    add_json_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from optisplit.demo import STEPS, run_demo
+
+    with progress("demo", len(STEPS), enabled=not args.json) as bar:
+        started: list[str] = []
+
+        def on_step(step: str, detail: str) -> None:
+            if step not in started:
+                if started:
+                    bar.advance()
+                started.append(step)
+            bar.describe(detail)
+
+        result = run_demo(
+            model=args.model,
+            backend=args.backend,
+            out_dir=args.out,
+            storage=args.storage,
+            testbed=args.testbed,
+            profiles_root=args.profiles,
+            requests=args.requests,
+            warmup=args.warmup,
+            profile_repeats=args.repeats,
+            reprofile=args.reprofile,
+            study_name=args.study,
+            on_step=on_step,
+        )
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    _print(result)
+    return 0
+
+
+def _print(result: DemoResult) -> None:
+    c = result.comparison
+    rows = [
+        [
+            p.plan,
+            p.predicted_latency_ms,
+            p.measured_latency_ms if p.measured_latency_ms is not None else "-",
+            p.predicted_throughput_rps,
+            p.measured_throughput_rps if p.measured_throughput_rps is not None else "-",
+            p.error or ("outputs match" if p.outputs_match else "outputs differ"),
+        ]
+        for p in c.plans
+    ]
+    where = "emulated" if result.emulated else "loopback, not emulated"
+    print_table(
+        ["plan", "pred ms", "meas ms", "pred req/s", "meas req/s", "check"],
+        rows,
+        title=f"{result.model} on {result.testbed} ({where}), {result.backend} backend",
+    )
+    figures = [
+        ("latency MAPE", _pct(c.latency_mape)),
+        ("throughput MAPE", _pct(c.throughput_mape)),
+        (
+            "Spearman latency / throughput",
+            f"{_num(c.latency_spearman)} / {_num(c.throughput_spearman)}",
+        ),
+        ("front precision / recall", f"{_num(c.front_precision)} / {_num(c.front_recall)}"),
+    ]
+    for label, value in figures:
+        print(f"{label}: {value}")
+    print(f"\nreport: {result.report}\nplot:   {result.plot}")
+    print(f"study:  {result.study} in {result.storage}")
+    print(f"open the dashboard: optisplit dashboard --storage {result.storage}")
+    total = sum(result.seconds.values())
+    steps = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    print(f"took {total:.0f} s ({steps})", file=sys.stderr)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} %"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,292 @@
+"""The end-to-end demo: emulated testbed, profiles, exact front, validation, comparison, report.
+
+``run_demo`` is what ``optisplit demo`` runs, one step after the other:
+
+1. bring up the emulated testbed (``profiles/testbeds/local.yaml``: two devices of different
+   speed joined by a shaped link); without root the devices are processes on loopback, and the
+   emulation layer warns about it;
+2. profile the model on each device inside that device's sandbox (``optisplit profile --testbed``),
+   unless a profile measured there already exists;
+3. search the exact front and record every front plan in a new study;
+4. validate every front plan on the chosen runtime backend (measurements go into the study);
+5. compare predicted with measured and write the overlay plot and markdown report under
+   ``<out>/<study>/``.
+
+The run is all or nothing: when it fails or is interrupted (Ctrl-C), the testbed is brought down
+(if the demo brought it up), workers are stopped by the validation layer, and the study and its
+folder are deleted; profile files are only ever replaced whole (atomic writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optisplit.errors import OptisplitError
+
+if TYPE_CHECKING:
+    from optisplit.compare import Comparison
+    from optisplit.testbed import Testbed
+
+__all__ = ["DEFAULT_MODEL", "DemoResult", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "resnet18"
+DEFAULT_TESTBED = "local"
+STEPS = ("testbed", "profile", "search", "validate", "compare")
+
+StepCallback = Callable[[str, str], None]
+"""Called with (step name, detail) when a step starts."""
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """Where the demo's outputs are, and the headline figures."""
+
+    model: str
+    testbed: str
+    emulated: bool
+    backend: str
+    study: str
+    storage: str
+    folder: Path
+    report: Path
+    plot: Path
+    front: tuple[str, ...]
+    comparison: Comparison
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``demo --json`` object."""
+        c = self.comparison
+        return {
+            "model": self.model,
+            "testbed": self.testbed,
+            "emulated": self.emulated,
+            "backend": self.backend,
+            "study": self.study,
+            "storage": self.storage,
+            "folder": str(self.folder),
+            "report": str(self.report),
+            "plot": str(self.plot),
+            "front": list(self.front),
+            "latency_mape": c.latency_mape,
+            "throughput_mape": c.throughput_mape,
+            "latency_spearman": c.latency_spearman,
+            "throughput_spearman": c.throughput_spearman,
+            "front_precision": c.front_precision,
+            "front_recall": c.front_recall,
+            "seconds": dict(self.seconds),
+            "dashboard": f"optisplit dashboard --storage {self.storage}",
+        }
+
+
+def run_demo(
+    *,
+    model: str = DEFAULT_MODEL,
+    backend: str = "socket",
+    out_dir: str | Path = "studies",
+    storage: str | None = None,
+    testbed: str = DEFAULT_TESTBED,
+    profiles_root: str = "profiles",
+    requests: int = 10,
+    warmup: int = 2,
+    profile_repeats: int = 15,
+    reprofile: bool = False,
+    study_name: str | None = None,
+    on_step: StepCallback | None = None,
+) -> DemoResult:
+    """Run the whole demo (see the module docstring); returns where its outputs are.
+
+    Raises:
+        OptisplitError: a step failed (nothing of this run is left behind).
+    """
+    from optisplit import emulate, store
+    from optisplit.testbed import load_testbed, testbed_path
+
+    bed = load_testbed(testbed, root=profiles_root)
+    if Path(testbed).suffix not in (".yaml", ".yml"):
+        testbed = str(testbed_path(testbed, root=profiles_root))
+    url = store.storage_url(storage)
+    name = study_name or "demo-" + store.default_study_name(model, bed.name, "exact")
+    folder = Path(out_dir) / name
+    step = on_step or (lambda _step, _detail: None)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "testbed"):
+        step("testbed", f"bringing up testbed {bed.name}")
+        was_up = emulate.is_up(bed)
+        emulate.up(bed)
+    try:
+        with _cleanup_on_failure(name, url, folder):
+            return _run_steps(
+                bed,
+                model=model,
+                backend=backend,
+                url=url,
+                name=name,
+                folder=folder,
+                testbed_file=testbed,
+                profiles_root=profiles_root,
+                requests=requests,
+                warmup=warmup,
+                profile_repeats=profile_repeats,
+                reprofile=reprofile,
+                step=step,
+                seconds=seconds,
+            )
+    finally:
+        if not was_up:
+            emulate.down(bed.name)
+
+
+def _run_steps(
+    bed: Testbed,
+    *,
+    model: str,
+    backend: str,
+    url: str,
+    name: str,
+    folder: Path,
+    testbed_file: str,
+    profiles_root: str,
+    requests: int,
+    warmup: int,
+    profile_repeats: int,
+    reprofile: bool,
+    step: StepCallback,
+    seconds: dict[str, float],
+) -> DemoResult:
+    from optisplit import emulate
+    from optisplit.compare import compare_study
+    from optisplit.report import plot_comparison, write_comparison_report
+    from optisplit.validate import validate_plans
+
+    emulated = emulate.is_up(bed)
+    with _timed(seconds, "profile"):
+        for device in sorted({d.profile for d in bed.devices.values()}):
+            step("profile", f"profiling {model} on {device}")
+            _profile(model, bed, testbed_file, device, profiles_root, profile_repeats, reprofile)
+    with _timed(seconds, "search"):
+        step("search", "searching the exact front")
+        study, front = _search(model, bed, url, name, profiles_root)
+    with _timed(seconds, "validate"):
+        step("validate", f"validating {len(front)} plans ({backend})")
+        validate_plans(
+            model,
+            bed,
+            list(front),
+            backend=backend,
+            requests=requests,
+            warmup=warmup,
+            study=study,
+            out_dir=folder,
+            profiles_root=profiles_root,
+        )
+    with _timed(seconds, "compare"):
+        step("compare", "comparing predicted with measured")
+        comparison = compare_study(study, backend=backend)
+        plot = plot_comparison(comparison, folder / f"compare-{backend}.png")
+        report = write_comparison_report(
+            comparison, folder / f"compare-{backend}.md", plot_path=plot
+        )
+    return DemoResult(
+        model=model,
+        testbed=bed.name,
+        emulated=emulated,
+        backend=backend,
+        study=name,
+        storage=url,
+        folder=folder,
+        report=report,
+        plot=plot,
+        front=tuple(front),
+        comparison=comparison,
+        seconds=seconds,
+    )
+
+
+def _profile(
+    model: str, bed: Testbed, bed_file: str, device: str, root: str, repeats: int, reprofile: bool
+) -> None:
+    """Profile ``model`` on ``device`` inside its sandbox, unless its profile exists."""
+    from optisplit.profile import profile_path
+
+    path = profile_path(root, device, model, 1)
+    if path.is_file() and not reprofile:
+        log.info("reusing %s", path)
+        return
+    argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
+    argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats), "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise OptisplitError(f"profiling {model} on {device} failed: {reason}")
+
+
+def _search(model: str, bed: Testbed, url: str, name: str, root: str) -> tuple[Any, list[str]]:
+    from optisplit import store
+    from optisplit.cost import load_cost_model
+    from optisplit.search import get_engine
+
+    cost = load_cost_model(model, bed, profiles_root=root)
+    evaluated: list[Any] = []
+    result = get_engine("exact")().run(cost, on_evaluate=evaluated.append)
+    front = [str(e.plan) for e in result.front]
+    attrs = {
+        "model": model,
+        "testbed": bed.name,
+        "batch_size": 1,
+        "granularity": "coarse",
+        "condition": None,
+        "profiles_root": root,
+    }
+    study = store.create_study(name, url, attrs=attrs)
+    recorded = {str(e.plan) for e in evaluated}
+    store.record_evaluations(
+        study,
+        [*evaluated, *(e for e in result.front if str(e.plan) not in recorded)],
+        engine="exact",
+        front=front,
+    )
+    return study, front
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        seconds[key] = round(time.monotonic() - start, 2)
+
+
+@contextmanager
+def _cleanup_on_failure(name: str, url: str, folder: Path) -> Iterator[None]:
+    """Delete the study and its folder when the body raises (Ctrl-C included)."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        _delete_study(name, url)
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _delete_study(name: str, url: str) -> None:
+    import optuna
+
+    from optisplit import store
+
+    with contextlib.suppress(KeyError):  # never created
+        optuna.delete_study(study_name=name, storage=store.open_storage(url))

@@ -1,0 +1,118 @@
+"""Sweeps: the front per network condition, and the paper's finding on a synthetic testbed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from optisplit.cli import main
+from optisplit.profile import BlockProfile, BlockTiming, profile_path, save_profile
+from optisplit.sweep import run_sweep
+from optisplit.testbed import parse_testbed
+
+# A slow edge device where inputs appear and a 10x faster server. The input is large and the
+# activations shrink along the chain, as in image classifiers.
+CUT_BYTES = (600_000, 400_000, 100_000, 20_000, 4_000)
+TESTBED = {
+    "schema_version": 1,
+    "name": "toybed",
+    "source": "edge",
+    "devices": {"edge": {}, "server": {}},
+    "links": [{"between": ["edge", "server"], "rtt_ms": 1.0, "mbps": 100}],
+}
+
+
+def _profile(device: str, block_ms: float) -> BlockProfile:
+    n = len(CUT_BYTES) - 1
+    blocks = tuple(
+        BlockTiming(i, f"b{i}", block_ms, block_ms, block_ms, CUT_BYTES[i + 1], 1000, 0)
+        for i in range(n)
+    )
+    return BlockProfile(
+        device=device,
+        model="toy",
+        batch_size=1,
+        threads=1,
+        granularity="coarse",
+        input_bytes=CUT_BYTES[0],
+        output_bytes=CUT_BYTES[-1],
+        blocks=blocks,
+        cut_names=tuple(f"b{i}" for i in range(1, n)),
+        interior_cut_bytes=CUT_BYTES[1:-1],
+        whole_ms=block_ms * n,
+    )
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    import yaml
+
+    for device, ms in (("edge", 20.0), ("server", 2.0)):
+        save_profile(_profile(device, ms), profile_path(tmp_path, device, "toy", 1))
+    (tmp_path / "testbeds").mkdir()
+    (tmp_path / "testbeds" / "toybed.yaml").write_text(yaml.safe_dump(TESTBED))
+    return tmp_path
+
+
+def test_constrained_links_move_the_front_toward_the_source(root: Path) -> None:
+    testbed = parse_testbed(TESTBED)
+    sweep = run_sweep("toy", testbed, ["lan", "constrained"], profiles_root=str(root))
+    lan, constrained = (c.summary() for c in sweep.conditions)
+    assert lan["condition"] == "lan" and lan["rtt_ms"] == pytest.approx(0.2)
+    assert constrained["mbps"] == pytest.approx(5.0)
+    # on a LAN the fastest plan offloads everything it can; constrained, it stays on the edge
+    assert lan["source_share_at_min_latency"] < 0.5
+    assert constrained["source_share_at_min_latency"] == pytest.approx(1.0)
+    assert constrained["source_share_mean"] > lan["source_share_mean"]
+    for cond in sweep.conditions:
+        assert cond.front and len(cond.front) == len(cond.source_shares)
+        assert all(0.0 <= s <= 1.0 for s in cond.source_shares)
+        lat = [e.latency_ms for e in cond.front]
+        assert lat == sorted(lat)
+
+
+def test_source_share_is_the_share_of_source_compute(root: Path) -> None:
+    testbed = parse_testbed(TESTBED)
+    sweep = run_sweep("toy", testbed, ["wifi"], profiles_root=str(root))
+    for evaluation, share in zip(sweep.conditions[0].front, sweep.conditions[0].source_shares):
+        on_edge = sum(s.end - s.start for s in evaluation.plan.stages if s.device == "edge")
+        assert share == pytest.approx(on_edge / 4)
+
+
+def test_sweep_with_measure_compares_each_condition(root: Path) -> None:
+    testbed = parse_testbed(TESTBED)
+    seen: list[str] = []
+
+    def measure(bed: Any, condition: str, plans: Any) -> list[dict[str, Any]]:
+        seen.append(condition)
+        assert bed.links[0].rtt_ms == pytest.approx(10.0)
+        return [
+            {
+                "plan": str(p),
+                "predicted": {"latency_ms": 1.0, "throughput_rps": 1.0},
+                "measured": {"latency_ms": 1.1, "latency_p95_ms": 1.2, "throughput_rps": 0.9},
+                "outputs_match": True,
+                "error": None,
+            }
+            for p in plans
+        ]
+
+    sweep = run_sweep("toy", testbed, ["wifi"], profiles_root=str(root), measure=measure)
+    assert seen == ["wifi"]
+    summary = sweep.conditions[0].summary()
+    assert summary["latency_mape"] == pytest.approx(100 / 11)
+
+
+def test_cli_sweep_json_and_plot(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plot = root / "sweep.png"
+    args = ["sweep", "toy", "--testbed", "toybed", "--profiles", str(root), "--plot", str(plot)]
+    assert main([*args, "--conditions", "lan,constrained", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["condition"] for s in doc["summary"]] == ["lan", "constrained"]
+    assert doc["source"] == "edge"
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert main([*args, "--conditions", "lan,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
