@@ -1,0 +1,417 @@
+"""The cost model: predicted latency, throughput, memory and feasibility of a split plan (pure).
+
+Formulas (``DESIGN.md`` §4, with every overhead term named). A plan has stages
+``(d_i, [c_{i-1}, c_i))``, ``i = 1..k``; ``s`` is the testbed's source, ``t`` its sink, ``b(c)``
+the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
+
+* ``compute_i = scale(d_i) * Σ time_ms of blocks c_{i-1} .. c_i - 1`` on ``d_i``'s profile.
+* ``transfer(n bytes, u -> v) = Σ_hops rtt_ms / 2 + n * 8 / (min_hops mbps * 1e3)
+  + message_ms + copy(n)``, zero when ``u == v``. The route is the testbed's least-RTT path
+  (``Testbed.path``). ``message_ms`` is the fixed cost of one framed message (header, system
+  calls, wake-ups); ``copy(n) = n * 8 / (copy_gbps * 1e6)`` ms is the serialisation cost of
+  moving ``n`` bytes between tensors and socket buffers (see ``Overheads``).
+* ``latency_ms = transfer(b(0), s -> d_1) + Σ_i compute_i
+  + Σ_{i<k} transfer(b(c_i), d_i -> d_{i+1}) + transfer(b(B), d_k -> t)``.
+* Busy time per request of each **device**: its compute, plus ``copy(n)`` for every transfer it
+  sends or receives (the source also sends the input, the sink also receives the output, even
+  when they run no stage). Busy time of each **link direction** ``u -> v``: the sum, over the
+  plan's transfers routed through it, of ``n * 8 / (mbps * 1e3)``. Links are full duplex;
+  propagation delay occupies no resource.
+* ``throughput_rps = 1000 / max(bottleneck_ms, latency_ms / depth)``: the asymptotic bounds of
+  a closed queueing network (Lazowska et al., *Quantitative System Performance*, 1984, §5.2)
+  with ``depth`` requests in flight. ``depth`` defaults to ``2 * k``, the default of
+  ``optisplit validate``; ``depth=0`` drops the second bound (unbounded requests in flight).
+  ``items_per_s = throughput_rps * batch_size``.
+* ``memory_bytes[d_i] = Σ param_bytes + max mem_bytes`` over the stage's blocks
+  ``+ buffers * (b(c_{i-1}) + b(c_i))`` (received inputs and outputs waiting to be sent in the
+  runtime's bounded queues). A plan is feasible when every stage device fits its
+  ``memory_bytes`` limit (devices without a limit always fit).
+
+``loss_pct`` and ``jitter_ms`` are emulated but not predicted: the mean effect of jitter is zero
+and TCP loss recovery is not modelled. Forwarding through a device (a multi-hop route) costs it no
+CPU time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from optisplit.errors import ProfileError
+from optisplit.plan import Plan
+from optisplit.profile import BlockProfile, load_profile, profile_path
+from optisplit.testbed import Testbed
+
+__all__ = [
+    "CostModel",
+    "Evaluation",
+    "Overheads",
+    "Route",
+    "StageCost",
+    "Transfer",
+    "load_cost_model",
+]
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Overhead terms of the cost model beyond the formulas of the design.
+
+    Attributes:
+        message_ms: fixed cost of one message (framing, system calls, thread wake-ups); the
+            runtime's loopback figure is about 0.05 ms.
+        copy_gbps: rate at which a device moves tensor bytes in or out of a socket (one side);
+            about 0.14 ms for 0.8 MB on loopback here, i.e. ~46 Gbit/s. ``0`` disables the term.
+        buffers: activations a stage holds per direction (bounded queues of the runtime).
+    """
+
+    message_ms: float = 0.05
+    copy_gbps: float = 40.0
+    buffers: int = 2
+
+    def copy_ms(self, nbytes: int) -> float:
+        """Serialisation time of ``nbytes`` on one side of a transfer."""
+        return nbytes * 8 / (self.copy_gbps * 1e6) if self.copy_gbps > 0 else 0.0
+
+    @classmethod
+    def none(cls) -> Overheads:
+        """No overheads: the bare formulas of the design."""
+        return cls(message_ms=0.0, copy_gbps=0.0, buffers=0)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A precomputed route: the directed hops and their totals."""
+
+    nodes: tuple[str, ...]
+    hops: tuple[tuple[str, str, float], ...]
+    """``(u, v, mbps)`` for each hop in order."""
+    one_way_ms: float
+    mbps: float
+    """The smallest bandwidth on the route (``inf`` for an empty route)."""
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Predicted compute of one stage."""
+
+    device: str
+    start: int
+    end: int
+    compute_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "start": self.start,
+            "end": self.end,
+            "compute_ms": self.compute_ms,
+        }
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Predicted time of one transfer between devices (input, a cut, or the output)."""
+
+    src: str
+    dst: str
+    bytes: int
+    ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"src": self.src, "dst": self.dst, "bytes": self.bytes, "ms": self.ms}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The predicted objectives of one plan."""
+
+    plan: Plan
+    latency_ms: float
+    throughput_rps: float
+    items_per_s: float
+    memory_bytes: dict[str, int] = field(hash=False)
+    feasible: bool
+    stages: tuple[StageCost, ...]
+    transfers: tuple[Transfer, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": str(self.plan),
+            "latency_ms": self.latency_ms,
+            "throughput_rps": self.throughput_rps,
+            "items_per_s": self.items_per_s,
+            "memory_bytes": dict(self.memory_bytes),
+            "feasible": self.feasible,
+            "stages": [s.to_dict() for s in self.stages],
+            "transfers": [t.to_dict() for t in self.transfers],
+        }
+
+
+class CostModel:
+    """Predicts plans of one model (one batch size, one granularity) on one testbed.
+
+    Args:
+        testbed: the devices and links.
+        profiles: one profile per testbed device, keyed by device name, as measured (the
+            constructor multiplies each by the device's ``scale``). All must describe the same
+            chain: same blocks and cut bytes.
+        overheads: overhead terms (``Overheads()`` defaults; ``Overheads.none()`` for the bare
+            formulas).
+        depth: requests in flight assumed by the throughput bound; ``None`` = 2 x stages,
+            ``0`` = unbounded.
+
+    Raises:
+        ProfileError: a device without a profile, or profiles that disagree.
+    """
+
+    def __init__(
+        self,
+        testbed: Testbed,
+        profiles: Mapping[str, BlockProfile],
+        *,
+        overheads: Overheads | None = None,
+        depth: int | None = None,
+    ) -> None:
+        self.testbed = testbed
+        self.devices: tuple[str, ...] = tuple(testbed.devices)
+        self.overheads = overheads if overheads is not None else Overheads()
+        self.depth = depth
+        reference = self._check_profiles(profiles)
+        self.model = reference.model
+        self.batch_size = reference.batch_size
+        self.granularity = reference.granularity
+        self.n_blocks = reference.n_blocks
+        self.cut_bytes: tuple[int, ...] = tuple(
+            reference.cut_bytes(c) for c in range(self.n_blocks + 1)
+        )
+        self._times = {
+            d: tuple(b.time_ms * testbed.devices[d].scale for b in profiles[d].blocks)
+            for d in self.devices
+        }
+        self._prefix = {
+            d: tuple(itertools.accumulate(t, initial=0.0)) for d, t in self._times.items()
+        }
+        self.param_prefix = tuple(
+            itertools.accumulate((b.param_bytes for b in reference.blocks), initial=0)
+        )
+        self.block_mem_bytes = tuple(b.mem_bytes for b in reference.blocks)
+        self._routes: dict[tuple[str, str], Route] = {}
+
+    def _check_profiles(self, profiles: Mapping[str, BlockProfile]) -> BlockProfile:
+        missing = [d for d in self.devices if d not in profiles]
+        if missing:
+            raise ProfileError(
+                f"no profile for device {missing[0]} of testbed {self.testbed.name}"
+            )
+        reference = profiles[self.devices[0]]
+        for device in self.devices[1:]:
+            other = profiles[device]
+            same = (
+                other.n_blocks == reference.n_blocks
+                and other.interior_cut_bytes == reference.interior_cut_bytes
+                and other.input_bytes == reference.input_bytes
+            )
+            if not same:
+                raise ProfileError(
+                    f"profiles of {reference.model} disagree: device {self.devices[0]} has "
+                    f"{reference.n_blocks} blocks (batch {reference.batch_size}), device {device} "
+                    f"has {other.n_blocks} (batch {other.batch_size}) or other cut sizes"
+                )
+        return reference
+
+    # ----- tables shared with the exact solver -------------------------------------------
+
+    def block_ms(self, device: str, block: int) -> float:
+        """Predicted time of one block on ``device`` (scale applied)."""
+        return self._times[device][block]
+
+    def compute_prefix(self, device: str) -> tuple[float, ...]:
+        """``P[c]`` = time of blocks ``0..c-1`` on ``device``; stage compute is ``P[b] - P[a]``."""
+        return self._prefix[device]
+
+    def compute_ms(self, device: str, start: int, end: int) -> float:
+        prefix = self._prefix[device]
+        return prefix[end] - prefix[start]
+
+    def memory(self, start: int, end: int) -> int:
+        """Memory of a stage running blocks ``start..end-1`` (same on every device)."""
+        params = self.param_prefix[end] - self.param_prefix[start]
+        peak = max(self.block_mem_bytes[start:end])
+        buffers = self.overheads.buffers * (self.cut_bytes[start] + self.cut_bytes[end])
+        return params + peak + buffers
+
+    def fits(self, device: str, memory_bytes: int) -> bool:
+        limit = self.testbed.devices[device].memory_bytes
+        return limit is None or memory_bytes <= limit
+
+    def route(self, src: str, dst: str) -> Route:
+        """The precomputed route between two devices."""
+        key = (src, dst)
+        found = self._routes.get(key)
+        if found is None:
+            nodes = tuple(self.testbed.path(src, dst))
+            graph = self.testbed.graph()
+            hops = tuple(
+                (u, v, float(graph.edges[u, v]["link"].mbps)) for u, v in itertools.pairwise(nodes)
+            )
+            found = Route(
+                nodes=nodes,
+                hops=hops,
+                one_way_ms=sum(graph.edges[u, v]["link"].one_way_ms for u, v, _ in hops),
+                mbps=min((m for _, _, m in hops), default=math.inf),
+            )
+            self._routes[key] = found
+        return found
+
+    def transfer_ms(self, nbytes: int, src: str, dst: str) -> float:
+        """Predicted time of one transfer (0 when ``src == dst``)."""
+        if src == dst:
+            return 0.0
+        route = self.route(src, dst)
+        wire = nbytes * 8 / (route.mbps * 1e3)
+        return route.one_way_ms + wire + self.overheads.message_ms + self.overheads.copy_ms(nbytes)
+
+    def link_loads(self, nbytes: int, src: str, dst: str) -> list[tuple[tuple[str, str], float]]:
+        """Busy time per link direction of one transfer: ``[((u, v), ms), ...]``."""
+        if src == dst:
+            return []
+        return [((u, v), nbytes * 8 / (mbps * 1e3)) for u, v, mbps in self.route(src, dst).hops]
+
+    def stage_busy(self, device: str, start: int, end: int, *, first: bool, last: bool) -> float:
+        """Busy time per request of a stage's device: compute + copies of what it moves.
+
+        ``first``/``last`` say whether the stage is the plan's first/last. The source's sending
+        of the input and the sink's receiving of the output are included when they run this
+        stage without being the first/last one.
+        """
+        copy = self.overheads.copy_ms
+        source, sink = self.testbed.source, self.testbed.sink
+        busy = self.compute_ms(device, start, end)
+        if not (first and device == source):
+            busy += copy(self.cut_bytes[start])
+        if not (last and device == sink):
+            busy += copy(self.cut_bytes[end])
+        if device == source and not first:
+            busy += copy(self.cut_bytes[0])
+        if device == sink and not last:
+            busy += copy(self.cut_bytes[self.n_blocks])
+        return busy
+
+    def idle_busy(self, device: str) -> float:
+        """Busy time of the source or sink when it runs no stage (moving input/output)."""
+        copy = self.overheads.copy_ms
+        busy = 0.0
+        if device == self.testbed.source:
+            busy += copy(self.cut_bytes[0])
+        if device == self.testbed.sink:
+            busy += copy(self.cut_bytes[self.n_blocks])
+        return busy
+
+    def throughput_rps(self, latency_ms: float, bottleneck_ms: float, n_stages: int) -> float:
+        """``1000 / max(bottleneck, latency / depth)`` (see the module docstring)."""
+        depth = 2 * n_stages if self.depth is None else self.depth
+        cycle = bottleneck_ms if depth <= 0 else max(bottleneck_ms, latency_ms / depth)
+        return 1000.0 / cycle if cycle > 0 else math.inf
+
+    # ----- evaluation ----------------------------------------------------------------------
+
+    def transfers_of(self, plan: Plan) -> list[tuple[str, str, int]]:
+        """``(src, dst, bytes)`` of the plan's transfers in order: input, cuts, output."""
+        stages = plan.stages
+        moves = [(self.testbed.source, stages[0].device, self.cut_bytes[0])]
+        moves += [
+            (a.device, b.device, self.cut_bytes[b.start]) for a, b in itertools.pairwise(stages)
+        ]
+        moves.append((stages[-1].device, self.testbed.sink, self.cut_bytes[self.n_blocks]))
+        return [m for m in moves if m[0] != m[1]]
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        """Predict one plan.
+
+        Raises:
+            InvalidPlanError: an unknown device or a block range that does not fit the chain.
+        """
+        plan.check(self.n_blocks, self.devices, model=f"{self.model} ({self.granularity})")
+        stages = plan.stages
+        k = len(stages)
+        source = self.testbed.source
+        first_move = source != stages[0].device
+        latency = (
+            self.transfer_ms(self.cut_bytes[0], source, stages[0].device) if first_move else 0.0
+        )
+        costs = []
+        for i, stage in enumerate(stages):
+            compute = self.compute_ms(stage.device, stage.start, stage.end)
+            latency += compute
+            costs.append(StageCost(stage.device, stage.start, stage.end, compute))
+            nxt = stages[i + 1].device if i + 1 < k else self.testbed.sink
+            latency += self.transfer_ms(self.cut_bytes[stage.end], stage.device, nxt)
+        bottleneck = self._bottleneck(plan)
+        memory = {s.device: self.memory(s.start, s.end) for s in stages}
+        throughput = self.throughput_rps(latency, bottleneck, k)
+        return Evaluation(
+            plan=plan,
+            latency_ms=latency,
+            throughput_rps=throughput,
+            items_per_s=throughput * self.batch_size,
+            memory_bytes=memory,
+            feasible=all(self.fits(d, m) for d, m in memory.items()),
+            stages=tuple(costs),
+            transfers=tuple(
+                Transfer(src, dst, n, self.transfer_ms(n, src, dst))
+                for src, dst, n in self.transfers_of(plan)
+            ),
+        )
+
+    def _bottleneck(self, plan: Plan) -> float:
+        """The largest busy time per request over devices and link directions."""
+        stages = plan.stages
+        busy = [
+            self.stage_busy(s.device, s.start, s.end, first=i == 0, last=i == len(stages) - 1)
+            for i, s in enumerate(stages)
+        ]
+        used = set(plan.devices)
+        busy += [self.idle_busy(d) for d in {self.testbed.source, self.testbed.sink} - used]
+        loads: dict[tuple[str, str], float] = {}
+        for src, dst, nbytes in self.transfers_of(plan):
+            for hop, ms in self.link_loads(nbytes, src, dst):
+                loads[hop] = loads.get(hop, 0.0) + ms
+        return max([*busy, *loads.values()])
+
+
+def load_cost_model(
+    model: str,
+    testbed: Testbed,
+    *,
+    batch_size: int = 1,
+    profiles_root: str = "profiles",
+    granularity: str = "coarse",
+    overheads: Overheads | None = None,
+    depth: int | None = None,
+) -> CostModel:
+    """Build a cost model from the profile files of every testbed device.
+
+    Each device reads ``profile_path(profiles_root, device.profile, model, batch_size,
+    granularity)`` and scales it by ``device.scale``.
+
+    Raises:
+        ProfileError: a missing profile names the device and the file it looked for.
+    """
+    loaded: dict[str, BlockProfile] = {}
+    profiles: dict[str, BlockProfile] = {}
+    for name, device in testbed.devices.items():
+        if device.profile not in loaded:
+            path = profile_path(profiles_root, device.profile, model, batch_size, granularity)
+            if not path.is_file():
+                raise ProfileError(
+                    f"no profile of {model} (batch {batch_size}, {granularity}) for device "
+                    f"{name}: looked for {path} (measure it with 'optisplit profile {model} "
+                    f"--device {device.profile} --batch-size {batch_size}')"
+                )
+            loaded[device.profile] = load_profile(path)
+        profiles[name] = loaded[device.profile]
+    return CostModel(testbed, profiles, overheads=overheads, depth=depth)

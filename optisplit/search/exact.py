@@ -1,0 +1,429 @@
+"""The exact latency-throughput Pareto front over every feasible plan (pure: numpy, no torch).
+
+Algorithm: a bi-objective label-setting dynamic program over states ``(S, d, c)`` — the set
+``S`` of devices used so far, the device ``d`` of the last stage, and the cut ``c`` where that
+stage ends (multi-objective DP over resource-constrained paths, Martins 1984; for chain
+partitions it is the (cut, devices used, last device) DP of PipeEdge, Hu et al. 2022, with every
+non-dominated label kept instead of only the best, which is what Alpa's inter-operator pass
+obtains with its sweep over a bound on the slowest stage, Zheng et al. 2022). A label of a state
+is a partial plan summarised by
+
+* ``L``: its latency so far (the input transfer, stage computes and cut transfers),
+* ``C``: the largest busy time of every resource it has already settled, and
+* ``V``: the busy time accumulated so far on the *open* link directions (below).
+
+Every continuation of two labels of one state adds the same latency and the same busy times, and
+the throughput of a complete plan, ``1000 / max(bottleneck, latency / depth(k))``, falls as
+latency or any busy time grows (``k = |S|`` is fixed by the state). So a label whose
+``(L, C, V)`` is no better in every component than another label of its state is dropped without
+losing any front point: the DP is exact, not a heuristic. Stages that do not fit their device's
+memory are never built, so only feasible plans are compared.
+
+Settled and open resources. A device's busy time per request is fixed once its stage is placed
+(the stage's compute and copies; the source's sending of the input and the sink's receiving of
+the output are added to their stage, or at the end when they run none). A link direction that at
+most one transfer of any plan can cross is settled with that transfer. The source's uplink in a
+star (every transfer the source sends crosses it) carries the input and the source's own cut;
+since both byte counts are known when the source's stage is placed, it is settled there, and
+likewise the sink's downlink. Any other link direction that two transfers of one plan may share
+(a trunk between switches, a device forwarding traffic) is *open*: its running sum is part of
+the label and compared component-wise, so the bottleneck stays the exact sum over the transfers.
+
+Complexity: ``O(2^n · n² · B² · F)`` for ``n`` devices, ``B`` blocks and ``F`` labels per state;
+the inner ``B²`` work runs as numpy array operations. Tied plans (equal objectives) keep one
+representative (``optisplit.pareto``). ``budget`` is ignored. ``evaluations`` counts the complete
+plans whose objectives the DP computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from optisplit.pareto import objective_key, pareto_front
+from optisplit.plan import Plan
+from optisplit.search.base import Engine, SearchResult
+
+if TYPE_CHECKING:
+    from optisplit.cost import CostModel, Evaluation
+
+__all__ = ["ExactEngine", "exact_front"]
+
+_F = np.float64
+
+
+class ExactEngine(Engine):
+    """The exact Pareto front by dynamic programming (see the module docstring)."""
+
+    name: ClassVar[str] = "exact"
+
+    def run(
+        self,
+        model: CostModel,
+        *,
+        budget: int | None = None,
+        seed: int = 0,
+        on_evaluate: Callable[[Evaluation], None] | None = None,
+    ) -> SearchResult:
+        start = time.perf_counter()
+        plans, scored = _Solver(model).solve()
+        evaluations = []
+        for plan in plans:
+            evaluation = model.evaluate(plan)
+            evaluations.append(evaluation)
+            if on_evaluate is not None:
+                on_evaluate(evaluation)
+        front = pareto_front(evaluations)
+        return SearchResult(self.name, front, scored, time.perf_counter() - start)
+
+
+def exact_front(model: CostModel) -> list[Evaluation]:
+    """The exact front of ``model`` (``ExactEngine().run(model).front``)."""
+    return ExactEngine().run(model).front
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """How a link direction's busy time is accounted: settled, attributed, or open."""
+
+    kind: str  # "direct" | "send" | "recv" | "open"
+    mbps: float
+    owner: int = -1  # device index for send/recv
+    slot: int = -1  # component of V for open
+
+
+class _Solver:
+    """Tables and the DP for one cost model."""
+
+    def __init__(self, model: CostModel) -> None:
+        self.model = model
+        self.devices = model.devices
+        self.n = len(self.devices)
+        self.B = model.n_blocks
+        self.s = self.devices.index(model.testbed.source)
+        self.t = self.devices.index(model.testbed.sink)
+        self.cb = np.array(model.cut_bytes, dtype=_F)
+        self.hops = self._classify()
+        self.m = sum(1 for h in self.hops.values() if h.kind == "open")
+        self.prefix = [np.array(model.compute_prefix(d), dtype=_F) for d in self.devices]
+        self.memory = self._memory_matrix()
+        self.stage = [self._stage_matrix(i) for i in range(self.n)]
+        self._transfer_tables()
+
+    # ----- link classification --------------------------------------------------------------
+
+    def _route_hops(self, u: int, v: int) -> list[tuple[tuple[str, str], float]]:
+        route = self.model.route(self.devices[u], self.devices[v])
+        return [((a, b), mbps) for a, b, mbps in route.hops]
+
+    def _classify(self) -> dict[tuple[str, str], _Hop]:
+        uses: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        mbps: dict[tuple[str, str], float] = {}
+        for u, v in itertools.permutations(range(self.n), 2):
+            for hop, rate in self._route_hops(u, v):
+                uses.setdefault(hop, []).append((u, v))
+                mbps[hop] = rate
+        result: dict[tuple[str, str], _Hop] = {}
+        slots = 0
+        for hop, pairs in sorted(uses.items()):
+            if not self._shared(pairs):
+                result[hop] = _Hop("direct", mbps[hop])
+            elif self._covers(pairs, sender=True):
+                result[hop] = _Hop("send", mbps[hop], owner=pairs[0][0])
+            elif self._covers(pairs, sender=False):
+                result[hop] = _Hop("recv", mbps[hop], owner=pairs[0][1])
+            else:
+                result[hop] = _Hop("open", mbps[hop], slot=slots)
+                slots += 1
+        return result
+
+    def _shared(self, pairs: list[tuple[int, int]]) -> bool:
+        """Whether two transfers of one plan may both use a link used by ``pairs``.
+
+        A device sends at most once except the source (input and its own stage), and receives at
+        most once except the sink; the pair (source, sink) may carry both input and output.
+        """
+        s, t = self.s, self.t
+        if s != t and (s, t) in pairs:
+            return True
+        for (u1, v1), (u2, v2) in itertools.combinations(pairs, 2):
+            if not ((u1 == u2 and u1 != s) or (v1 == v2 and v1 != t)):
+                return True
+        return False
+
+    def _covers(self, pairs: list[tuple[int, int]], *, sender: bool) -> bool:
+        """All pairs share one sender (receiver) and every route from (to) it uses the link."""
+        ends = {p[0] if sender else p[1] for p in pairs}
+        if len(ends) != 1:
+            return False
+        end = ends.pop()
+        want = {(end, v) if sender else (v, end) for v in range(self.n) if v != end}
+        return want <= set(pairs)
+
+    # ----- tables ---------------------------------------------------------------------------
+
+    def _copy(self, nbytes: np.ndarray) -> np.ndarray:
+        gbps = self.model.overheads.copy_gbps
+        return nbytes * 8 / (gbps * 1e6) if gbps > 0 else np.zeros_like(nbytes)
+
+    def _attributed(self, d: int) -> list[tuple[str, float]]:
+        """``(kind, mbps)`` of the link directions settled with device ``d``'s stage."""
+        return [
+            (hop.kind, hop.mbps)
+            for hop in self.hops.values()
+            if hop.kind in ("send", "recv") and hop.owner == d
+        ]
+
+    def _stage_matrix(self, d: int) -> np.ndarray:
+        """``Q[a, b]``: settled busy time of a stage on ``d`` over blocks ``a..b-1``; inf if invalid."""
+        B, cb, s, t = self.B, self.cb, self.s, self.t
+        name = self.devices[d]
+        prefix = np.array(self.model.compute_prefix(name), dtype=_F)
+        copy = self._copy(cb)
+        limit = self.model.testbed.devices[name].memory_bytes
+        attributed = self._attributed(d)
+        q = np.full((B + 1, B + 1), np.inf)
+        ends = np.arange(B + 1)
+        for a in range(B):
+            b = ends[a + 1 :]
+            busy = prefix[b] - prefix[a]
+            busy = busy + (0.0 if (a == 0 and d == s) else copy[a])
+            busy = busy + np.where((b == B) & (d == t), 0.0, copy[b])
+            busy = busy + (copy[0] if (d == s and a > 0) else 0.0)
+            busy = busy + np.where((d == t) & (b < B), copy[B], 0.0)
+            for kind, mbps in attributed:
+                busy = np.maximum(busy, self._attributed_load(kind, mbps, a, b))
+            if limit is not None:
+                busy = np.where(self.memory[a, a + 1 :] <= limit, busy, np.inf)
+            q[a, a + 1 :] = busy
+        return q
+
+    def _attributed_load(self, kind: str, mbps: float, a: int, b: np.ndarray) -> np.ndarray:
+        cb, B = self.cb, self.B
+        wire = cb * 8 / (mbps * 1e3)
+        if kind == "send":  # the source's uplink: the input (when not first), then its own send
+            first = wire[0] if a > 0 else 0.0
+            return first + np.where((b == B) & (self.s == self.t), 0.0, wire[b])
+        received = wire[a] if (a > 0 or self.t != self.s) else 0.0
+        return received + np.where(b < B, wire[B], 0.0)
+
+    def _memory_matrix(self) -> np.ndarray:
+        """``M[a, b]``: memory of a stage over blocks ``a..b-1`` (``CostModel.memory``)."""
+        model, B = self.model, self.B
+        params = np.array(model.param_prefix, dtype=np.int64)
+        peak_of = np.array(model.block_mem_bytes, dtype=np.int64)
+        cut = np.array(model.cut_bytes, dtype=np.int64)
+        memory = np.zeros((B + 1, B + 1), dtype=np.int64)
+        for a in range(B):
+            peak = np.maximum.accumulate(peak_of[a:])
+            buffers = model.overheads.buffers * (cut[a] + cut[a + 1 :])
+            memory[a, a + 1 :] = params[a + 1 :] - params[a] + peak + buffers
+        return memory
+
+    def _transfer_tables(self) -> None:
+        """Per (sender, receiver, cut): time, settled link load, open link loads."""
+        n, B, m = self.n, self.B, self.m
+        self.t_ms = np.zeros((n, n, B + 1))
+        self.t_settled = np.zeros((n, n, B + 1))
+        self.t_open = np.zeros((n, n, B + 1, m))
+        for u, v in itertools.permutations(range(n), 2):
+            for c in range(B + 1):
+                self._fill(u, v, c)
+
+    def _fill(self, u: int, v: int, c: int) -> None:
+        nbytes = int(self.model.cut_bytes[c])
+        src, dst = self.devices[u], self.devices[v]
+        self.t_ms[u, v, c] = self.model.transfer_ms(nbytes, src, dst)
+        for hop, ms in self.model.link_loads(nbytes, src, dst):
+            kind = self.hops[hop]
+            if kind.kind == "direct":
+                self.t_settled[u, v, c] = max(self.t_settled[u, v, c], ms)
+            elif kind.kind == "open":
+                self.t_open[u, v, c, kind.slot] += ms
+
+    def _idle(self, mask: int) -> float:
+        """Settled busy of the source/sink when they run no stage, and their attributed links."""
+        busy = 0.0
+        for d in {self.s, self.t}:
+            if mask >> d & 1:
+                continue
+            busy = max(busy, self.model.idle_busy(self.devices[d]))
+            for kind, mbps in self._attributed(d):
+                nbytes = self.cb[0] if kind == "send" else self.cb[self.B]
+                busy = max(busy, float(nbytes * 8 / (mbps * 1e3)))
+        return busy
+
+    # ----- the dynamic program --------------------------------------------------------------
+
+    def solve(self) -> tuple[list[Plan], int]:
+        """Candidate front plans (a superset of the front) and the number of plans scored."""
+        store = _Store()
+        finals: list[np.ndarray] = []
+        labels: dict[tuple[int, int], np.ndarray] = {}
+        for mask in range(1, 1 << self.n):
+            for d in range(self.n):
+                if not mask >> d & 1:
+                    continue
+                rows = self._sources(mask ^ (1 << d), d, labels)
+                if rows is None:
+                    continue
+                new = self._extend(rows, d, store)
+                if new.shape[0] == 0:
+                    continue
+                done = new[:, 0] == self.B
+                if done.any():
+                    finals.append(self._finish(new[done], mask, d))
+                labels[(mask, d)] = new[~done]
+        if not finals:
+            return [], 0
+        table = np.concatenate(finals)
+        return [self._plan(store, int(g)) for g in _candidates(table)], int(table.shape[0])
+
+    def _sources(
+        self, prev: int, d: int, labels: dict[tuple[int, int], np.ndarray]
+    ) -> np.ndarray | None:
+        """Rows ``[c, L, C, gid, V...]`` ready to start a stage on ``d`` at cut ``c``."""
+        if prev == 0:
+            root = np.zeros((1, 4 + self.m))
+            root[0, 3] = -1
+            return self._hand_over(root, self.s, d, first=True)
+        parts = []
+        for p in range(self.n):
+            arr = labels.get((prev, p)) if prev >> p & 1 else None
+            if arr is not None and arr.shape[0]:
+                parts.append(self._hand_over(arr, p, d, first=False))
+        return np.concatenate(parts) if parts else None
+
+    def _hand_over(self, arr: np.ndarray, p: int, d: int, *, first: bool) -> np.ndarray:
+        out = arr.copy()
+        c = arr[:, 0].astype(np.intp)
+        if first and p == d:
+            return out
+        out[:, 1] = arr[:, 1] + self.t_ms[p, d, c]
+        out[:, 2] = np.maximum(arr[:, 2], self.t_settled[p, d, c])
+        if self.m:
+            out[:, 4:] = arr[:, 4:] + self.t_open[p, d, c]
+        return out
+
+    def _extend(self, rows: np.ndarray, d: int, store: _Store) -> np.ndarray:
+        """Every stage on ``d`` from each row's cut to every later cut; non-dominated labels."""
+        c = rows[:, 0].astype(np.intp)
+        prefix = self.prefix[d]
+        q = self.stage[d][c]
+        latency = rows[:, 1:2] + (prefix[None, :] - prefix[c][:, None])
+        settled = np.maximum(rows[:, 2:3], q)
+        valid = np.isfinite(q)
+        latency[~valid] = np.inf
+        if self.m == 0:
+            src, end = _filter_2d(latency, settled)
+        else:
+            src, end = _filter_nd(latency, settled, rows[:, 4:], valid)
+        new = np.empty((src.shape[0], 4 + self.m))
+        new[:, 0] = end
+        new[:, 1] = latency[src, end]
+        new[:, 2] = settled[src, end]
+        new[:, 3] = store.add(rows[src, 3], d, c[src], end)
+        new[:, 4:] = rows[src, 4:]
+        return new
+
+    def _finish(self, rows: np.ndarray, mask: int, d: int) -> np.ndarray:
+        """Complete plans: ``[latency, throughput, gid]`` after the output transfer."""
+        B = self.B
+        latency = rows[:, 1] + self.t_ms[d, self.t, B]
+        settled = np.maximum(rows[:, 2], max(self.t_settled[d, self.t, B], self._idle(mask)))
+        bottleneck = settled
+        if self.m:
+            opened = rows[:, 4:] + self.t_open[d, self.t, B]
+            bottleneck = np.maximum(settled, opened.max(axis=1))
+        k = bin(mask).count("1")
+        depth = 2 * k if self.model.depth is None else self.model.depth
+        cycle = bottleneck if depth <= 0 else np.maximum(bottleneck, latency / depth)
+        return np.column_stack([latency, 1000.0 / cycle, rows[:, 3]])
+
+    def _plan(self, store: _Store, gid: int) -> Plan:
+        stages = []
+        while gid >= 0:
+            parent, d, start, end = store.get(gid)
+            stages.append((self.devices[d], start, end))
+            gid = parent
+        stages.reverse()
+        return Plan.from_cuts([s[0] for s in stages], [s[1] for s in stages[1:]], self.B)
+
+
+class _Store:
+    """Back-pointers of every kept label: parent label, device, stage start and end."""
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self._size = 0
+        self._flat: np.ndarray | None = None
+
+    def add(self, parents: np.ndarray, d: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        count = parents.shape[0]
+        chunk = np.column_stack([parents, np.full(count, d), starts, ends]).astype(np.int64)
+        self._chunks.append(chunk)
+        gids = np.arange(self._size, self._size + count, dtype=_F)
+        self._size += count
+        self._flat = None
+        return gids
+
+    def get(self, gid: int) -> tuple[int, int, int, int]:
+        if self._flat is None:
+            self._flat = np.concatenate(self._chunks)
+        row = self._flat[gid]
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
+def _filter_2d(latency: np.ndarray, settled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column (end cut), the rows not dominated in (latency, settled busy)."""
+    order = np.argsort(latency, axis=0, kind="stable")
+    lat = np.take_along_axis(latency, order, axis=0)
+    busy = np.take_along_axis(settled, order, axis=0)
+    best = np.minimum.accumulate(busy, axis=0)
+    before = np.vstack([np.full((1, busy.shape[1]), np.inf), best[:-1]])
+    keep = (busy < before) & np.isfinite(lat)
+    rank, end = np.nonzero(keep)
+    return order[rank, end], end
+
+
+def _filter_nd(
+    latency: np.ndarray, settled: np.ndarray, opened: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, rows not dominated in (latency, settled busy, every open link load)."""
+    srcs, ends = [], []
+    for end in np.nonzero(valid.any(axis=0))[0]:
+        rows = np.nonzero(valid[:, end])[0]
+        rows = rows[np.lexsort((settled[rows, end], latency[rows, end]))]
+        kept: list[int] = []
+        for r in rows:
+            if kept:
+                k = np.array(kept)
+                if np.any(
+                    (settled[k, end] <= settled[r, end]) & np.all(opened[k] <= opened[r], axis=1)
+                ):
+                    continue
+            kept.append(int(r))
+        srcs += kept
+        ends += [int(end)] * len(kept)
+    return np.array(srcs, dtype=np.intp), np.array(ends, dtype=np.intp)
+
+
+def _candidates(table: np.ndarray) -> list[float]:
+    """Label ids of complete plans on the front of ``table``, ties included.
+
+    Objectives are compared at ``objective_key`` precision, as ``pareto_front`` does.
+    """
+    keys = [(objective_key(float(lat)), -objective_key(float(thr))) for lat, thr, _ in table]
+    chosen: list[float] = []
+    best: tuple[float, float] | None = None
+    for i in sorted(range(len(keys)), key=keys.__getitem__):
+        key = keys[i]
+        if best is None or -key[1] > -best[1] or key == best:
+            chosen.append(float(table[i, 2]))
+            best = key
+    return chosen
