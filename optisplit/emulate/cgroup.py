@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # quota of at least 1 ms, so slow devices get a longer period.
 PERIOD_US = 10_000
 _MIN_QUOTA_US = 1_000
+# Device groups outweigh other work on their cores eightfold (v1 shares 1024 and v2 weight 100
+# are the defaults), so a device gets its quota even while the machine is busy with other jobs.
+_SHARES = 8192
+_WEIGHT = 800
 
 _V1 = Path("/sys/fs/cgroup/cpu")
 _V2 = Path("/sys/fs/cgroup")
@@ -69,6 +73,9 @@ def make_group(testbed: str, device: str, cpu_quota: float | None) -> Path:
             parent.mkdir(exist_ok=True)
             _write(parent / "cgroup.subtree_control", "+cpu")
     group.mkdir(parents=True, exist_ok=True)
+    weight = ("cpu.shares", str(_SHARES)) if version == 1 else ("cpu.weight", str(_WEIGHT))
+    for level in (group.parent.parent, group.parent, group):  # weights count per level
+        _write(level / weight[0], weight[1])
     period = PERIOD_US
     if cpu_quota is not None:
         period = max(PERIOD_US, math.ceil(_MIN_QUOTA_US / cpu_quota))

@@ -8,8 +8,8 @@ Tolerances (a check passes when the measurement is within them):
   RTTs that small as negligible next to block times anyway.
 - Rate: 10% of the spec (a bulk TCP transfer timed at the receiver from its first to its last
   byte, so propagation delay does not count).
-- Speed: a fixed CPU loop timed inside the device's sandbox against the same loop on the same
-  cores outside it; the ratio must be within 10% of ``min(1, cpu_quota)``.
+- Speed: the share of its cores a device gets, CPU seconds / wall seconds of a busy loop run
+  inside its sandbox, must be within 10% of ``min(1, cpu_quota)``.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ RTT_FLOOR_MS = 0.3
 _PROBE_PORT_TIMEOUT_S = 30.0
 _LOOP = (
     "import sys, time\n"
-    "n = int(sys.argv[1]); t = time.perf_counter(); c = time.process_time(); x = 0\n"
-    "for i in range(n): x += i * i\n"
+    "work = float(sys.argv[1]); t = time.perf_counter(); c = time.process_time(); x = 0\n"
+    "while time.process_time() - c < work:\n"
+    "    for i in range(20000): x += i * i\n"
     "print(time.perf_counter() - t, time.process_time() - c)\n"
 )
 
@@ -300,10 +301,10 @@ def check_link(state: TestbedState, path: PathSpec, *, attempts: int = 2) -> Lin
 # -------------------------------------------------------------------------------------- devices
 
 
-def _loop_seconds(argv_prefix: list[str], n: int) -> tuple[float, float]:
-    """Wall and CPU seconds of the speed loop run with ``argv_prefix``."""
+def _loop_seconds(argv_prefix: list[str], work_s: float) -> tuple[float, float]:
+    """Wall and CPU seconds of a CPU loop run with ``argv_prefix`` until it used ``work_s``."""
     out = subprocess.run(
-        [*argv_prefix, sys.executable, "-c", _LOOP, str(n)],
+        [*argv_prefix, sys.executable, "-c", _LOOP, str(work_s)],
         capture_output=True,
         text=True,
         check=False,
@@ -315,26 +316,23 @@ def _loop_seconds(argv_prefix: list[str], n: int) -> tuple[float, float]:
     return float(wall), float(cpu)
 
 
-def measure_device(
-    host_prefix: list[str], sandbox_prefix: list[str], *, work_s: float = 0.05, repeats: int = 3
-) -> float:
-    """Speed of a sandbox relative to the host: host time / sandbox time of the same loop.
+def measure_device(sandbox_prefix: list[str], *, work_s: float = 0.05, repeats: int = 2) -> float:
+    """Share of its cores a sandbox gets: CPU seconds of a busy loop / its wall seconds.
 
-    The host's time is the loop's CPU time on the same cores outside the sandbox, so other
-    load on the machine does not make the host look slow; the sandbox's is its wall time, so
-    a throttled or starved device looks as slow as it really is.
+    This is what a CPU quota sets, and what other load on the machine takes away; it does not
+    depend on how fast the host's cores are (which the device's profile, measured inside the
+    same sandbox, accounts for).
 
     Args:
-        host_prefix: argv prefix that runs a command on the device's cores outside the sandbox.
-        sandbox_prefix: argv prefix that runs it inside the sandbox.
-        work_s: roughly how long the loop takes on the host.
-        repeats: runs of each; the fastest counts (interference only ever slows a run down).
+        sandbox_prefix: argv prefix that runs a command inside the sandbox.
+        work_s: CPU seconds the loop runs for.
+        repeats: runs; the best counts (interference only ever slows a run down).
     """
-    n = 200_000
-    n = max(n, int(n * work_s / max(_loop_seconds(host_prefix, n)[1], 1e-4)))
-    host = min(_loop_seconds(host_prefix, n)[1] for _ in range(repeats))
-    sandbox = min(_loop_seconds(sandbox_prefix, n)[0] for _ in range(repeats))
-    return host / sandbox
+    best = 0.0
+    for _ in range(repeats):
+        wall, cpu = _loop_seconds(sandbox_prefix, work_s)
+        best = max(best, cpu / wall)
+    return best
 
 
 def expected_speed(cpu_quota: float | None) -> float:
@@ -342,18 +340,17 @@ def expected_speed(cpu_quota: float | None) -> float:
 
 
 def check_device(state: TestbedState, name: str) -> DeviceCheck:
-    """Time the speed loop inside ``name``'s sandbox and on its cores outside it."""
+    """Measure the share of its cores device ``name`` gets inside its sandbox."""
     from optisplit.emulate import sandbox
 
     device = state.devices[name]
     expected = expected_speed(device.cpu_quota)
-    host = sandbox.pin_prefix(device.cores)
     inside = sandbox.command_prefix(state, name)
-    speed = measure_device(host, inside)
+    speed = measure_device(inside)
     problem = None
     if not within(speed, expected):
         # A second look before refusing: other load on the machine can disturb one measurement.
-        speed = measure_device(host, inside)
+        speed = measure_device(inside, repeats=3)
         if not within(speed, expected):
             problem = (
                 f"device {name}: speed {speed:.3f} of its cores, spec {expected:.3f} "
