@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optisplit.cli._common import add_json_flag, print_json, print_table, progress
+from optisplit.cli._common import (
+    add_json_flag,
+    positive_float,
+    print_json,
+    print_table,
+    progress,
+)
 from optisplit.errors import TestbedError, UsageError
 
 if TYPE_CHECKING:
@@ -55,12 +61,35 @@ def register(subparsers: Any) -> None:
 def _testbed_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("testbed", help="testbed name (profiles/testbeds/NAME.yaml) or YAML file")
     parser.add_argument("--profiles-root", default="profiles", help="folder holding testbeds/")
+    parser.add_argument(
+        "--condition", help="give every link a named condition: lan, wifi or constrained"
+    )
+    parser.add_argument(
+        "--link-rtt-ms", type=non_negative_float, help="give every link this RTT (ms)"
+    )
+    parser.add_argument("--link-mbps", type=positive_float, help="give every link this rate")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
 
 
 def _load(args: argparse.Namespace) -> Testbed:
-    from optisplit.testbed import load_testbed
+    from optisplit.testbed import apply_condition, load_testbed
 
-    return load_testbed(args.testbed, root=args.profiles_root)
+    testbed = load_testbed(args.testbed, root=args.profiles_root)
+    if getattr(args, "condition", None):
+        testbed = apply_condition(testbed, args.condition)
+    if getattr(args, "link_rtt_ms", None) is not None or getattr(args, "link_mbps", None):
+        testbed = testbed.with_links(rtt_ms=args.link_rtt_ms, mbps=args.link_mbps)
+    return testbed
 
 
 def _checking(testbed: Testbed) -> Any:

@@ -392,6 +392,18 @@ def check_testbed(
         )
         return CheckReport(testbed.name, False, "none (loopback)", fallback, ())
     done = on_check or (lambda what: None)
+    if sandbox.spec_of(testbed) != state.spec:
+        problem = (
+            f"testbed {testbed.name} is up with other devices or links than asked for "
+            "(bring it up again with the wanted condition)"
+        )
+        return CheckReport(
+            testbed.name,
+            True,
+            state.delay_path,
+            (DeviceCheck(testbed.name, "-", None, None, None, None, problem),),
+            (),
+        )
     device_checks = []
     for name in sorted(state.devices):
         if devices:
