@@ -43,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--reprofile", action="store_true", help="measure profiles even when they exist"
     )
+    parser.add_argument(
+        "--skip-checks",
+        action="store_true",
+        help="do not probe the emulated links and devices against their spec (busy hosts)",
+    )
     add_json_flag(parser)
     parser.set_defaults(func=run)
 
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             profile_repeats=args.repeats,
             reprofile=args.reprofile,
             study_name=args.study,
+            check=not args.skip_checks,
             on_step=on_step,
         )
     if args.json:
