@@ -196,8 +196,9 @@ class Chain:
         self._block_nodes = _group(graph_module, nodes)
         self._crossing = _crossing_values(self._block_nodes, self._inputs, self._output_values)
         self.n_blocks = len(self._block_nodes)
+        names = _unique([_block_name(ns) for ns in self._block_nodes])
         self.blocks = [
-            BlockInfo(i, _block_name(ns), _param_bytes(graph_module, ns))
+            BlockInfo(i, names[i], _param_bytes(graph_module, ns))
             for i, ns in enumerate(self._block_nodes)
         ]
         self.cuts = [
@@ -398,6 +399,17 @@ def _block_name(nodes: list[fx.Node]) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     scope = next(reversed(stack.values()))[0] if stack else ""
     return f"{scope}.{node.name}" if scope else node.name
+
+
+def _unique(names: list[str]) -> list[str]:
+    """A module called again is named ``name@1``, ``name@2`` (as in fx's module stacks)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        out.append(f"{name}@{count}" if count else name)
+    return out
 
 
 def _param_bytes(gm: fx.GraphModule, nodes: list[fx.Node]) -> int:

@@ -42,8 +42,8 @@ __all__ = [
     "profile_module",
 ]
 
-DEFAULT_WARMUP = 3
-DEFAULT_REPEATS = 20
+DEFAULT_WARMUP = 2
+DEFAULT_REPEATS = 15
 _log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
