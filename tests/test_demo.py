@@ -1,0 +1,136 @@
+"""The demo end to end on a small emulated testbed, and Ctrl-C leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from optisplit.errors import StudyError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the emulated testbed needs root"),
+]
+
+
+def _bed(tmp_path: Path, name: str) -> Path:
+    """A private copy of the shipped local testbed, so parallel runs cannot collide."""
+    text = (ROOT / "profiles" / "testbeds" / "local.yaml").read_text()
+    path = tmp_path / "profiles" / "testbeds" / f"{name}.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(text.replace("name: local\n", f"name: {name}\n"))
+    return path
+
+
+def _argv(tmp_path: Path, bed: Path, study: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "optisplit",
+        "demo",
+        "--testbed",
+        str(bed),
+        "--profiles",
+        str(tmp_path / "profiles"),
+        "--out",
+        str(tmp_path / "studies"),
+        "--storage",
+        f"sqlite:///{tmp_path / 'studies.db'}",
+        "--study",
+        study,
+        "--requests",
+        "3",
+        "--warmup",
+        "1",
+        "--repeats",
+        "3",
+        "--skip-checks",  # a busy CI host fails the speed probes; fidelity is benchmarked
+    ]
+
+
+def _namespaces(testbed: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in out.stdout.splitlines() if f"-{testbed}." in line]
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    bed = _bed(tmp_path, "demotest")
+    out = subprocess.run(
+        [*_argv(tmp_path, bed, "d1"), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout)
+    assert doc["study"] == "d1" and doc["testbed"] == "demotest" and doc["emulated"]
+    assert doc["front"], "the exact front is never empty"
+    assert doc["latency_mape"] is not None and doc["throughput_mape"] is not None
+    report = Path(doc["report"]).read_text()
+    assert "latency MAPE" in report and doc["front"][0] in report
+    assert Path(doc["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert "optisplit dashboard" in doc["dashboard"]
+    study = optuna.load_study(study_name="d1", storage=doc["storage"])
+    measured = [t for t in study.trials if "measured_socket" in t.user_attrs]
+    assert len(measured) >= len(doc["front"])
+    assert all(t.user_attrs["measured_socket"]["outputs_match"] for t in measured)
+    assert _namespaces("demotest") == []  # brought down again
+
+
+def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+    bed = _bed(tmp_path, "demoint")
+    proc = subprocess.Popen(
+        _argv(tmp_path, bed, "d2"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # until validation starts
+        if (tmp_path / "studies.db").exists() and "d2" in optuna.get_all_study_names(url):
+            break
+        time.sleep(0.5)
+    time.sleep(2)
+    assert _namespaces("demoint"), "the testbed is up while validating"
+    children = _children(proc.pid)
+    assert children, "validation runs worker processes"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert _namespaces("demoint") == []
+    assert not (tmp_path / "studies" / "d2").exists()
+    from optisplit.store import load_study
+
+    with pytest.raises(StudyError):
+        load_study("d2", url)
+    time.sleep(0.5)
+    import psutil
+
+    alive = [
+        p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+    ]
+    assert alive == []
+    leftovers = [
+        p for p in (tmp_path / "profiles" / "devices").rglob("*") if p.name.startswith(".")
+    ]
+    assert leftovers == []  # no partial profile files
