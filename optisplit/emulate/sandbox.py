@@ -139,7 +139,7 @@ def _plan(testbed: Testbed, spec: dict[str, Any]) -> TestbedState:
         devices=devices,
         host_if=f"{_HOST_IF}{slot}",
         host_address=f"{_SUBNET}.{slot}.254",
-        delay_path="forwarder",
+        delay_path=delay_path(),
         spec=spec,
     )
 
@@ -207,7 +207,7 @@ def _teardown_locked(name: str) -> list[str]:
     removed: list[str] = []
     state = read_state(name)
     folder = state_dir(name)
-    for pid in _forwarders(str(folder), state):
+    for pid in _forwarders(str(folder)):
         _stop(pid)
         removed.append(f"forwarder {pid}")
     for ns in netns.list_namespaces(f"{NETNS_PREFIX}{safe_name(name)}."):
@@ -230,8 +230,8 @@ def _teardown_locked(name: str) -> list[str]:
     return removed
 
 
-def _forwarders(folder: str, state: TestbedState | None) -> list[int]:
-    """Forwarder processes serving ``folder``: the recorded one, plus any left by a crash."""
+def _forwarders(folder: str) -> list[int]:
+    """Forwarder processes serving ``folder`` (found by their command line, stopped by pid)."""
     found = {
         int(p.name)
         for p in Path("/proc").iterdir()
@@ -282,8 +282,14 @@ def teardown_all() -> list[str]:
 
 
 def delay_path() -> str:
-    """Which delay path this kernel gets (recorded in the state and shown by ``status``)."""
-    return "netem" if has_netem() else "forwarder"
+    """The delay path, as recorded in the state and shown by ``status``.
+
+    Always the userspace forwarder: it is exact (see ``delay.py``) and tested on kernels with
+    and without ``sch_netem``; where netem exists the report says it was left unused.
+    """
+    if has_netem():
+        return "forwarder (sch_netem present, unused)"
+    return "forwarder (no sch_netem in this kernel)"
 
 
 def usable_cores(cores: tuple[int, ...] | None) -> tuple[int, ...] | None:
