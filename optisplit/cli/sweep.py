@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--requests", type=positive_int, default=10, help="measured requests per plan"
     )
+    parser.add_argument("--warmup", type=positive_int, default=2, help="warm-up requests per plan")
+    parser.add_argument(
+        "--skip-checks",
+        action="store_true",
+        help="with --validate on an emulated testbed: do not probe links and devices (busy hosts)",
+    )
     parser.add_argument("--plot", default=None, help="figure path (default: studies/sweep-*.png)")
     add_json_flag(parser)
     parser.set_defaults(func=run)
@@ -66,24 +72,36 @@ def run(args: argparse.Namespace) -> int:
     if not conditions:
         raise UsageError("--conditions needs at least one condition name, e.g. lan,constrained")
     testbed = load_testbed(args.testbed, root=args.profiles)
-    measure = _measure(args) if args.validate else None
-    with progress("sweep", len(conditions), enabled=not args.json) as bar:
+    emulated: list[str] = []
+    measure = _measure(args, emulated) if args.validate else None
+    was_up = _is_up(testbed) if args.validate else True
+    try:
+        with progress("sweep", len(conditions), enabled=not args.json) as bar:
+            started: list[str] = []
 
-        def step(name: str) -> None:
-            bar.describe(f"sweep: {name}")
+            def step(name: str) -> None:
+                if started:
+                    bar.advance()
+                started.append(name)
+                bar.describe(f"sweep: {name}")
 
-        result = run_sweep(
-            args.model,
-            testbed,
-            conditions,
-            engine=args.engine,
-            batch_size=args.batch_size,
-            profiles_root=args.profiles,
-            budget=args.budget,
-            seed=args.seed,
-            measure=measure,
-            on_condition=step,
-        )
+            result = run_sweep(
+                args.model,
+                testbed,
+                conditions,
+                engine=args.engine,
+                batch_size=args.batch_size,
+                profiles_root=args.profiles,
+                budget=args.budget,
+                seed=args.seed,
+                measure=measure,
+                on_condition=step,
+            )
+    finally:
+        if emulated and not was_up:
+            from optisplit import emulate
+
+            emulate.down(testbed.name)
     plot = Path(args.plot or f"studies/sweep-{args.model}-{testbed.name}.png")
     plot_fronts(
         {c.condition: front_points(c) for c in result.conditions},
@@ -99,10 +117,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(args: argparse.Namespace) -> Measure:
+def _measure(args: argparse.Namespace, emulated: list[str]) -> Measure:
+    """Validation under each condition; an emulated testbed is rebuilt with that condition."""
+
     def measure(testbed: Testbed, condition: str, plans: Sequence[Plan]) -> list[dict[str, Any]]:
+        from optisplit import emulate
         from optisplit.validate import validate_plans
 
+        real = any(d.address for d in testbed.devices.values())
+        if not real:
+            emulate.up(testbed, check=not args.skip_checks)
+            if testbed.name not in emulated:
+                emulated.append(testbed.name)
         results: list[dict[str, Any]] = validate_plans(
             args.model,
             testbed,
@@ -110,10 +136,19 @@ def _measure(args: argparse.Namespace) -> Measure:
             backend=args.backend,
             batch_size=args.batch_size,
             requests=args.requests,
+            warmup=args.warmup,
+            profiles_root=args.profiles,
+            out_dir=Path("studies") / f"sweep-{args.model}-{testbed.name}" / condition,
         )
         return results
 
     return measure
+
+
+def _is_up(testbed: Testbed) -> bool:
+    from optisplit import emulate
+
+    return emulate.is_up(testbed)
 
 
 def _print(result: Sweep) -> None:
