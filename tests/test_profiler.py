@@ -1,0 +1,85 @@
+"""The block profiler: real timings, memory, provenance, sandboxing and argument checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from optisplit.chain import trace
+from optisplit.errors import UsageError
+from optisplit.profile import load_profile, profile_path, save_profile
+from optisplit.profiler import profile_chain, profile_model, profile_module
+from tests.models import tiny_cnn, tiny_residual
+
+
+def test_profile_of_a_tiny_model(tmp_path: Path) -> None:
+    rounds: list[tuple[int, int]] = []
+    result = profile_model(
+        "tiny",
+        module="tests.models:tiny_residual",
+        device="box",
+        batch_size=2,
+        warmup=1,
+        repeats=5,
+        on_progress=lambda done, total: rounds.append((done, total)),
+    )
+    assert rounds[-1] == (6, 6) and len(rounds) == 6
+    assert result.device == "box" and result.model == "tiny" and result.batch_size == 2
+    assert [b.name for b in result.blocks] == [
+        "stem",
+        "layers.0",
+        "layers.1",
+        "pool",
+        "flatten",
+        "fc",
+    ]
+    for block in result.blocks:
+        assert 0 < block.time_p10_ms <= block.time_ms <= block.time_p90_ms
+    stem = result.blocks[0]
+    assert stem.out_bytes == 2 * 8 * 16 * 16 * 4 and stem.param_bytes == (8 * 3 * 9 + 8) * 4
+    assert stem.mem_bytes >= stem.out_bytes
+    assert result.blocks[4].mem_bytes == 0  # flatten is a view of its input
+    assert result.interior_cut_bytes[0] == stem.out_bytes and result.output_bytes == 80
+    assert result.whole_ms > 0 and result.sum_ms > 0
+    prov = result.provenance
+    assert prov["threads"] == 1 and prov["repeats"] == 5 and prov["clock"] == "wall"
+    assert {"host", "cpu", "torch", "date"} <= set(prov)
+    path = save_profile(result, profile_path(tmp_path, "box", "tiny", 2))
+    assert load_profile(path) == result
+
+
+def test_cpu_clock_and_fine_granularity() -> None:
+    model, x = tiny_residual()
+    chain = trace(model, (x,), granularity="fine", name="tiny")
+    result = profile_chain(chain, device="host", warmup=0, repeats=3, clock="cpu")
+    assert result.granularity == "fine" and result.n_blocks == chain.n_blocks
+    assert result.provenance["clock"] == "cpu"
+    # The in-place relu writes into its input: it still gets a time (on fresh copies).
+    assert all(b.time_ms > 0 for b in result.blocks)
+
+
+def test_user_module_is_never_touched() -> None:
+    model, x = tiny_cnn()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_before = x.clone()
+    result = profile_module(model, (x,), device="host", name="tiny", warmup=0, repeats=2)
+    assert result.n_blocks == 9
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(x, x_before)
+
+
+def test_bad_arguments() -> None:
+    model, x = tiny_cnn()
+    chain = trace(model, (x,), name="tiny")
+    with pytest.raises(UsageError, match="cpu clock measures one thread only"):
+        profile_chain(chain, device="host", threads=2, clock="cpu")
+    with pytest.raises(UsageError, match="unknown clock 'sun'"):
+        profile_chain(chain, device="host", clock="sun")
+    with pytest.raises(UsageError, match="repeats must be at least 1"):
+        profile_chain(chain, device="host", repeats=0)
+    with pytest.raises(UsageError, match="threads must be at least 1"):
+        profile_chain(chain, device="host", threads=0)
