@@ -75,7 +75,8 @@ def up(
         after each device and link check.
 
     Raises:
-        TestbedError: building failed, or a check is off spec (the testbed is then taken down).
+        TestbedError: building failed, or a check is off spec (a testbed this call built is
+            then taken down again; one that was up already stays up).
     """
     from optisplit.emulate import checks, sandbox
 
@@ -85,12 +86,20 @@ def up(
             testbed.name,
         )
         return None
-    sandbox.build(testbed)
+    before = sandbox.running(testbed)
+    state = sandbox.build(testbed)
+    built = before is None or before.forwarder_pid != state.forwarder_pid
     if not check:
         return None
-    report = checks.check_testbed(testbed, on_check=on_check)
+    try:
+        report = checks.check_testbed(testbed, on_check=on_check)
+    except BaseException:  # Ctrl-C or a failed probe: leave nothing this call built
+        if built:
+            sandbox.teardown(testbed.name)
+        raise
     if not report.ok:
-        sandbox.teardown(testbed.name)
+        if built:
+            sandbox.teardown(testbed.name)
         raise TestbedError(f"testbed {testbed.name} is off spec: " + "; ".join(report.problems()))
     return report
 
