@@ -4,8 +4,8 @@ trips with shaped links and CPU quotas, cleanup after a crash, and the loopback 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
