@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from optisplit.emulate.checks import CheckReport
+    from optisplit.emulate.state import TestbedState
     from optisplit.testbed import Testbed
 
 __all__ = ["LOOPBACK", "check_testbed", "device_host", "down", "is_up", "up", "wrap_command"]
@@ -32,19 +33,32 @@ def _device(testbed: Testbed, device: str) -> None:
         raise UsageError(f"testbed {testbed.name} has no device {device!r} (devices: {known})")
 
 
+def _running(testbed: Testbed) -> TestbedState | None:
+    from optisplit.emulate import sandbox
+    from optisplit.emulate.state import read_state
+
+    if not sandbox.is_root():
+        return None
+    state = sandbox.running(testbed)
+    if state is None and read_state(testbed.name) is not None:
+        log.warning(
+            "testbed %s is recorded as up but is broken (its forwarder or a namespace is gone); "
+            "run 'optisplit testbed down %s' and up again",
+            testbed.name,
+            testbed.name,
+        )
+    return state
+
+
 def is_up(testbed: Testbed) -> bool:
     """Whether ``testbed`` is emulated right now (namespaces, forwarder and cgroups in place)."""
-    from optisplit.emulate import sandbox
-
-    return sandbox.is_root() and sandbox.running(testbed) is not None
+    return _running(testbed) is not None
 
 
 def device_host(testbed: Testbed, device: str) -> str:
     """IP address of ``device``: its namespace's address when emulated, else 127.0.0.1."""
-    from optisplit.emulate import sandbox
-
     _device(testbed, device)
-    state = sandbox.running(testbed) if sandbox.is_root() else None
+    state = _running(testbed)
     return LOOPBACK if state is None else state.devices[device].address
 
 
@@ -58,7 +72,7 @@ def wrap_command(testbed: Testbed, device: str, argv: list[str]) -> list[str]:
     from optisplit.emulate import sandbox
 
     _device(testbed, device)
-    state = sandbox.running(testbed) if sandbox.is_root() else None
+    state = _running(testbed)
     if state is None:
         return [*sandbox.pin_prefix(testbed.devices[device].cores), *argv]
     return [*sandbox.command_prefix(state, device), *argv]
