@@ -118,7 +118,8 @@ def build(testbed: Testbed) -> TestbedState:
 
 def _plan(testbed: Testbed, spec: dict[str, Any]) -> TestbedState:
     taken = used_slots()
-    slot = next((s for s in range(250) if s not in taken), None)
+    free = (s for s in range(250) if s not in taken and not netns.link_exists(f"{_HOST_IF}{s}"))
+    slot = next(free, None)
     if slot is None:
         raise TestbedError("250 emulated testbeds are up already; bring some down")
     tree = cgroup.tree(safe_name(testbed.name))
