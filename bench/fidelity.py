@@ -1,0 +1,160 @@
+"""Fidelity: predicted vs measured fronts on the emulated testbeds, per network condition.
+
+For each testbed (``local``: 2 devices, ``local3``: 3 devices), each model, each condition (lan,
+wifi, constrained) and each backend (socket, rpc): bring the emulated testbed up under that
+condition, search the exact front with the cost model, validate every front plan, and report
+latency and throughput MAPE, Spearman per objective and front precision/recall
+(``optisplit.compare``). Profiles are measured first inside each device's sandbox.
+
+    .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
+        [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 6]
+
+Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
+values, per-stage compute and per-hop times included, for diagnosis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from optisplit import emulate  # noqa: E402
+from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
+from optisplit.cost import load_cost_model  # noqa: E402
+from optisplit.profile import profile_path  # noqa: E402
+from optisplit.search import get_engine  # noqa: E402
+from optisplit.testbed import Testbed, apply_condition, load_testbed  # noqa: E402
+from optisplit.validate import validate_plans  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--testbeds", default="local,local3")
+    parser.add_argument("--conditions", default="lan,wifi,constrained")
+    parser.add_argument("--backends", default="socket,rpc")
+    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profiles", default=str(RESULTS / "profiles"))
+    parser.add_argument("--reprofile", action="store_true")
+    parser.add_argument("--skip-checks", action="store_true", help="do not probe the testbed")
+    parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
+    return parser.parse_args()
+
+
+def _profile(bed: Testbed, model: str, root: str, reprofile: bool) -> None:
+    """Profile ``model`` on every device inside its sandbox (the testbed is up)."""
+    for device in sorted({d.profile for d in bed.devices.values()}):
+        if profile_path(root, device, model, 1).is_file() and not reprofile:
+            continue
+        argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
+        argv += ["--testbed", str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml")]
+        argv += ["--out", root, "--json"]
+        subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def _case(
+    bed: Testbed, condition: str, model: str, backend: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    cost = load_cost_model(model, bed, profiles_root=args.profiles)
+    front = get_engine("exact")().run(cost).front
+    start = time.monotonic()
+    results = validate_plans(
+        model,
+        bed,
+        [e.plan for e in front],
+        backend=backend,
+        requests=args.requests,
+        warmup=args.warmup,
+        profiles_root=args.profiles,
+        out_dir=RESULTS / "fidelity" / f"{bed.name}-{condition}-{model}-{backend}",
+    )
+    comparison = compare_plans(plans_from_results(results), backend=backend)
+    return {
+        "testbed": bed.name,
+        "condition": condition,
+        "model": model,
+        "backend": backend,
+        "plans": len(front),
+        "failed": len(comparison.failed),
+        "latency_mape": comparison.latency_mape,
+        "throughput_mape": comparison.throughput_mape,
+        "latency_spearman": comparison.latency_spearman,
+        "throughput_spearman": comparison.throughput_spearman,
+        "front_precision": comparison.front_precision,
+        "front_recall": comparison.front_recall,
+        "seconds": round(time.monotonic() - start, 1),
+        "results": results,
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
+        f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'lat rho':>7} {'thr rho':>7} "
+        f"{'prec':>5} {'recall':>6} {'s':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['testbed']:8} {r['condition']:12} {r['model']:13} {r['backend']:7} "
+            f"{r['plans']:>5} {_fmt(r['latency_mape'], '9.1f')} "
+            f"{_fmt(r['throughput_mape'], '9.1f')} {_fmt(r['latency_spearman'], '7.2f')} "
+            f"{_fmt(r['throughput_spearman'], '7.2f')} {_fmt(r['front_precision'], '5.2f')} "
+            f"{_fmt(r['front_recall'], '6.2f')} {r['seconds']:>6}"
+        )
+
+
+def main() -> int:
+    args = _args()
+    models = args.models.split(",")
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for name in args.testbeds.split(","):
+        base = load_testbed(name)
+        was_up = emulate.is_up(base)
+        try:
+            emulate.up(apply_condition(base, "lan"), check=not args.skip_checks)
+            for model in models:
+                _profile(base, model, args.profiles, args.reprofile)
+            for condition in args.conditions.split(","):
+                bed = apply_condition(base, condition)
+                emulate.up(bed, check=not args.skip_checks)
+                for model in models:
+                    for backend in args.backends.split(","):
+                        rows.append(_case(bed, condition, model, backend, args))
+                        _print(rows[-1:])
+        finally:
+            if not was_up:
+                emulate.down(base.name)
+    print()
+    _print(rows)
+    summary = {
+        "requests": args.requests,
+        "warmup": args.warmup,
+        "seconds": round(time.monotonic() - started, 1),
+        "cases": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(f"\nwrote {args.out} in {summary['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
