@@ -179,7 +179,7 @@ def _serve(server: socket.socket, handler: Callable[[socket.socket], None]) -> t
             conn.settimeout(_PROBE_PORT_TIMEOUT_S)
             try:
                 handler(conn)
-            except OSError as exc:
+            except (OSError, TestbedError) as exc:  # the client sees the failure too
                 log.debug("link probe server: %s", exc)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -270,11 +270,14 @@ def measure_path(state: TestbedState, path: PathSpec) -> tuple[float, float]:
     """Measured (RTT ms, rate Mbit/s) of one ordered device pair of a running testbed."""
     src, dst = state.devices[path.src], state.devices[path.dst]
     count = int(min(20, max(3, 1000.0 / max(path.rtt_ms, 1.0))))
-    rtt = probe_rtt(src, dst, count=count)
     n_bytes = int(min(32 << 20, max(512 << 10, path.mbps * 1e6 / 8 * 0.3)))
     bdp = path.mbps * 1e6 / 8 * path.rtt_ms / 1e3
     warm = int(min(n_bytes, max(256 << 10, 2 * bdp)))
-    rate = probe_rate(src, dst, n_bytes=n_bytes, warm_bytes=warm)
+    try:
+        rtt = probe_rtt(src, dst, count=count)
+        rate = probe_rate(src, dst, n_bytes=n_bytes, warm_bytes=warm)
+    except OSError as exc:
+        raise TestbedError(f"link probe {path.src}->{path.dst} failed: {exc}") from None
     return rtt, rate
 
 
