@@ -109,6 +109,8 @@ class Reply:
     outputs: tuple[torch.Tensor, ...]
     stamps: tuple[float, ...]
     received: float
+    sent: float | None = None
+    """When the source sent it, if stamped by the backend (else ``submit``'s return value)."""
 
 
 @dataclass(frozen=True)

@@ -63,12 +63,17 @@ def _stop_all() -> None:
 
 
 def spawn(
-    argv: Sequence[str], *, stdout: Any, stderr: Any, env: dict[str, str] | None = None
+    argv: Sequence[str], *, stdout: Any, stderr: Any, pass_fds: Sequence[int] = ()
 ) -> subprocess.Popen[bytes]:
     """Start a child in its own process group that dies with this process."""
-    environ = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+    environ = {**os.environ, PARENT_ENV: str(os.getpid())}
     proc = subprocess.Popen(
-        list(argv), stdout=stdout, stderr=stderr, env=environ, start_new_session=True
+        list(argv),
+        stdout=stdout,
+        stderr=stderr,
+        env=environ,
+        start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
     _LIVE.add(proc)
     return proc

@@ -158,6 +158,7 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def _row(phase: str, sent: float, reply: Reply, n_stages: int) -> list[Any]:
+    sent = reply.sent if reply.sent is not None else sent
     if len(reply.stamps) != STAMPS_PER_STAGE * n_stages:
         raise RuntimeFailure(
             f"reply {reply.request_id} carries {len(reply.stamps)} timestamps, "
@@ -221,6 +222,7 @@ def _throughput_phase(
             submitted += 1
         if done == warmup:
             window_start = reply.received
+            sent.pop(reply.request_id, None)
         elif done > warmup:
             rows.append(
                 _row("throughput", sent.pop(reply.request_id), reply, len(deployment.stages))

@@ -388,7 +388,10 @@ class Worker:
         if backend == "rpc":
             from optisplit.runtime.rpc_backend import start_rpc_process
 
-            session.rpc_process = start_rpc_process(_field(doc, "rpc", dict), self.torch_device)
+            local = str(session.control.getsockname()[0])
+            session.rpc_process = start_rpc_process(
+                _field(doc, "rpc", dict), self.torch_device, local
+            )
             session.sampler = ResourceSampler(session.rpc_process.pid)
             return {"pid": session.rpc_process.pid, "build_s": time.perf_counter() - began}
         if backend != "socket":
