@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[0] = str(ROOT)  # not bench/: its scripts would shadow modules (profile)
 
 from optisplit import emulate  # noqa: E402
 from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
