@@ -342,7 +342,11 @@ class Worker:
     def _dispatch(self, session: _Session, frame: wire.Frame) -> None:
         doc = frame.json()
         if frame.kind == Kind.DEPLOY:
-            self._claim(session)
+            if not self._claim(session):
+                session.send(
+                    Kind.ERROR, {"error": "busy: another orchestrator holds a deployment"}
+                )
+                return
             try:
                 reply = self._deploy(session, doc)
             except OptisplitError as exc:
@@ -375,11 +379,14 @@ class Worker:
         else:
             raise FrameError(f"unexpected {frame.kind.name} on the control connection")
 
-    def _claim(self, session: _Session) -> None:
+    def _claim(self, session: _Session) -> bool:
+        """Make ``session`` the owner of this worker unless another one holds it."""
         with self._lock:
             if self._session is not None and self._session is not session:
-                raise FrameError("busy: another orchestrator holds a deployment here")
+                log.warning("refused a deployment: another orchestrator holds this worker")
+                return False
             self._session = session
+            return True
 
     def _deploy(self, session: _Session, doc: dict[str, Any]) -> dict[str, Any]:
         spec = ModelSpec.from_dict(_field(doc, "spec", dict))
