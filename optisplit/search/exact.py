@@ -114,6 +114,7 @@ class _Solver:
         self.memory = self._memory_matrix()
         self.stage = [self._stage_matrix(i) for i in range(self.n)]
         self._transfer_tables()
+        self.rest_ms = self._rest_tables()
 
     # ----- link classification --------------------------------------------------------------
 
@@ -246,6 +247,25 @@ class _Solver:
             elif kind.kind == "open":
                 self.t_open[u, v, c, kind.slot] += ms
 
+    def _rest_tables(self) -> list[np.ndarray]:
+        """``R[d][c]``: a lower bound of the latency still to come after a stage on ``d`` ends
+        at cut ``c``: the remaining blocks each at its fastest device, plus the cheapest
+        transfer of cut ``c`` away from ``d``."""
+        times = np.array([np.diff(p) for p in self.prefix])
+        fastest = times.min(axis=0)
+        remaining = np.concatenate([np.cumsum(fastest[::-1])[::-1], [0.0]])
+        self.remaining = remaining
+        self.cheapest = [q.min(axis=1) for q in self.stage]
+        tables = []
+        for d in range(self.n):
+            away = np.full(self.B + 1, np.inf)
+            for v in range(self.n):
+                if v != d:
+                    away = np.minimum(away, self.t_ms[d, v])
+            away[self.B] = 0.0
+            tables.append(remaining + np.where(np.isfinite(away), away, 0.0))
+        return tables
+
     def _idle(self, mask: int) -> float:
         """Settled busy of the source/sink when they run no stage, and their attributed links."""
         busy = 0.0
@@ -261,28 +281,59 @@ class _Solver:
     # ----- the dynamic program --------------------------------------------------------------
 
     def solve(self) -> tuple[list[Plan], int]:
-        """Candidate front plans (a superset of the front) and the number of plans scored."""
+        """Candidate front plans (a superset of the front) and the number of plans scored.
+
+        Device sets are visited by size, so single-device and short plans complete first; a
+        label whose best possible completion (latency lower bound, throughput upper bound) is
+        already matched by a complete plan is dropped.
+        """
         store = _Store()
         finals: list[np.ndarray] = []
         labels: dict[tuple[int, int], np.ndarray] = {}
-        for mask in range(1, 1 << self.n):
+        incumbents = _Incumbents()
+        for mask in sorted(range(1, 1 << self.n), key=lambda m: (bin(m).count("1"), m)):
             for d in range(self.n):
                 if not mask >> d & 1:
                     continue
                 rows = self._sources(mask ^ (1 << d), d, labels)
                 if rows is None:
                     continue
-                new = self._extend(rows, d, store)
-                if new.shape[0] == 0:
+                rows = rows[~incumbents.beaten(*self._start_bounds(rows, d))]
+                if rows.shape[0] == 0:
                     continue
+                new = self._extend(rows, d, store)
                 done = new[:, 0] == self.B
                 if done.any():
                     finals.append(self._finish(new[done], mask, d))
-                labels[(mask, d)] = new[~done]
+                    incumbents.add(finals[-1])
+                rest = new[~done]
+                labels[(mask, d)] = rest[~incumbents.beaten(*self._bounds(rest, d))]
         if not finals:
             return [], 0
         table = np.concatenate(finals)
         return [self._plan(store, int(g)) for g in _candidates(table)], int(table.shape[0])
+
+    def _bounds(self, rows: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """Lower bound of the final latency and upper bound of the throughput of each label."""
+        cut = rows[:, 0].astype(np.intp)
+        return self._limits(rows, rows[:, 1] + self.rest_ms[d][cut], rows[:, 2])
+
+    def _start_bounds(self, rows: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same bounds for rows about to start a stage on ``d``: at least its cheapest stage."""
+        cut = rows[:, 0].astype(np.intp)
+        latency = rows[:, 1] + self.remaining[cut]
+        return self._limits(rows, latency, np.maximum(rows[:, 2], self.cheapest[d][cut]))
+
+    def _limits(
+        self, rows: np.ndarray, latency: np.ndarray, bottleneck: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.m:
+            bottleneck = np.maximum(bottleneck, rows[:, 4:].max(axis=1, initial=0.0))
+        depth = 2 * self.n if self.model.depth is None else self.model.depth
+        if depth > 0:
+            bottleneck = np.maximum(bottleneck, latency / depth)
+        with np.errstate(divide="ignore"):
+            return latency, 1000.0 / bottleneck
 
     def _sources(
         self, prev: int, d: int, labels: dict[tuple[int, int], np.ndarray]
@@ -311,21 +362,25 @@ class _Solver:
         return out
 
     def _extend(self, rows: np.ndarray, d: int, store: _Store) -> np.ndarray:
-        """Every stage on ``d`` from each row's cut to every later cut; non-dominated labels."""
-        c = rows[:, 0].astype(np.intp)
+        """Every stage on ``d`` from each row's cut to every later cut; non-dominated labels.
+
+        The latency at end cut ``b`` of a row starting at ``c`` is ``(L - P[c]) + P[b]``, so
+        one ordering of the rows by ``L - P[c]`` is the latency order of every column.
+        """
         prefix = self.prefix[d]
-        q = self.stage[d][c]
-        latency = rows[:, 1:2] + (prefix[None, :] - prefix[c][:, None])
-        settled = np.maximum(rows[:, 2:3], q)
-        valid = np.isfinite(q)
-        latency[~valid] = np.inf
         if self.m == 0:
-            src, end = _filter_2d(latency, settled)
+            rows = rows[_same_cut_front(rows)]
+        start = rows[:, 0].astype(np.intp)
+        rows = rows[np.lexsort((rows[:, 2], rows[:, 1] - prefix[start]))]
+        c = rows[:, 0].astype(np.intp)
+        settled = np.maximum(rows[:, 2:3], self.stage[d][c])
+        if self.m == 0:
+            src, end = _filter_2d(settled)
         else:
-            src, end = _filter_nd(latency, settled, rows[:, 4:], valid)
+            src, end = _filter_nd(settled, rows[:, 4:])
         new = np.empty((src.shape[0], 4 + self.m))
         new[:, 0] = end
-        new[:, 1] = latency[src, end]
+        new[:, 1] = rows[src, 1] + (prefix[end] - prefix[c[src]])
         new[:, 2] = settled[src, end]
         new[:, 3] = store.add(rows[src, 3], d, c[src], end)
         new[:, 4:] = rows[src, 4:]
@@ -355,6 +410,32 @@ class _Solver:
         return Plan.from_cuts([s[0] for s in stages], [s[1] for s in stages[1:]], self.B)
 
 
+class _Incumbents:
+    """The front of the complete plans found so far, for bounding."""
+
+    def __init__(self) -> None:
+        self.latency = np.empty(0)
+        self.throughput = np.empty(0)
+
+    def add(self, table: np.ndarray) -> None:
+        latency = np.concatenate([self.latency, table[:, 0]])
+        throughput = np.concatenate([self.throughput, table[:, 1]])
+        order = np.lexsort((-throughput, latency))
+        latency, throughput = latency[order], throughput[order]
+        best = np.maximum.accumulate(throughput)
+        keep = np.ones(latency.shape[0], dtype=bool)
+        keep[1:] = throughput[1:] > best[:-1]
+        self.latency, self.throughput = latency[keep], throughput[keep]
+
+    def beaten(self, latency: np.ndarray, throughput: np.ndarray) -> np.ndarray:
+        """Which (latency lower bound, throughput upper bound) a known plan already matches."""
+        if self.latency.shape[0] == 0:
+            return np.zeros(latency.shape[0], dtype=bool)
+        i = np.searchsorted(self.latency, latency, side="right") - 1
+        found = self.throughput[np.maximum(i, 0)]
+        return (i >= 0) & (found >= throughput)
+
+
 class _Store:
     """Back-pointers of every kept label: parent label, device, stage start and end."""
 
@@ -379,28 +460,42 @@ class _Store:
         return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
 
-def _filter_2d(latency: np.ndarray, settled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column (end cut), the rows not dominated in (latency, settled busy)."""
-    order = np.argsort(latency, axis=0, kind="stable")
-    lat = np.take_along_axis(latency, order, axis=0)
-    busy = np.take_along_axis(settled, order, axis=0)
-    best = np.minimum.accumulate(busy, axis=0)
-    before = np.vstack([np.full((1, busy.shape[1]), np.inf), best[:-1]])
-    keep = (busy < before) & np.isfinite(lat)
-    rank, end = np.nonzero(keep)
-    return order[rank, end], end
+def _same_cut_front(rows: np.ndarray) -> np.ndarray:
+    """Indices of the rows not dominated in (latency, settled busy) by a row at the same cut.
+
+    A segmented running minimum done exactly on integers: settled busy times become their
+    ranks, and each cut's group is offset above every later group.
+    """
+    order = np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))
+    cut = rows[order, 0]
+    _, rank = np.unique(rows[order, 2], return_inverse=True)
+    group = np.concatenate([[0], np.cumsum(cut[1:] != cut[:-1])])
+    size = rank.shape[0] + 1
+    key = rank.astype(np.int64) + (int(group[-1]) - group).astype(np.int64) * size
+    best = np.minimum.accumulate(key)
+    keep = np.ones(key.shape[0], dtype=bool)
+    keep[1:] = key[1:] < best[:-1]
+    return np.asarray(order[keep])
 
 
-def _filter_nd(
-    latency: np.ndarray, settled: np.ndarray, opened: np.ndarray, valid: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per column, rows not dominated in (latency, settled busy, every open link load)."""
+def _filter_2d(settled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column (end cut), the rows (in latency order) with a new lowest settled busy time.
+
+    Invalid entries are ``inf`` and never kept.
+    """
+    best = np.minimum.accumulate(settled, axis=0)
+    keep = np.empty(settled.shape, dtype=bool)
+    keep[0] = np.isfinite(settled[0])
+    np.less(settled[1:], best[:-1], out=keep[1:])
+    return np.nonzero(keep)
+
+
+def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, rows (in latency order) not dominated in settled busy and open link loads."""
     srcs, ends = [], []
-    for end in np.nonzero(valid.any(axis=0))[0]:
-        rows = np.nonzero(valid[:, end])[0]
-        rows = rows[np.lexsort((settled[rows, end], latency[rows, end]))]
+    for end in np.nonzero(np.isfinite(settled).any(axis=0))[0]:
         kept: list[int] = []
-        for r in rows:
+        for r in np.nonzero(np.isfinite(settled[:, end]))[0]:
             if kept:
                 k = np.array(kept)
                 if np.any(
