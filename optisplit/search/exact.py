@@ -487,7 +487,8 @@ def _filter_2d(settled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keep = np.empty(settled.shape, dtype=bool)
     keep[0] = np.isfinite(settled[0])
     np.less(settled[1:], best[:-1], out=keep[1:])
-    return np.nonzero(keep)
+    rows, ends = np.nonzero(keep)
+    return rows, ends
 
 
 def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
