@@ -4,7 +4,14 @@ Formulas (``DESIGN.md`` §4, with every overhead term named). A plan has stages
 ``(d_i, [c_{i-1}, c_i))``, ``i = 1..k``; ``s`` is the testbed's source, ``t`` its sink, ``b(c)``
 the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
 
-* ``compute_i = scale(d_i) * Σ time_ms of blocks c_{i-1} .. c_i - 1`` on ``d_i``'s profile.
+* ``compute_i = scale(d_i) * w(d_i) * Σ time_ms of blocks c_{i-1} .. c_i - 1`` on ``d_i``'s
+  profile, where ``w(d) = whole_ms / Σ time_ms`` of that profile (``Overheads.whole_model``): the
+  whole model timed in one piece, spread over the blocks in proportion to their medians. Block
+  medians undercount back-to-back execution (cache refills between blocks; and on a
+  CPU-quota-throttled device a short block mostly runs at full speed while a later one pays for
+  it, so medians miss the stalls); a stage runs its blocks back to back like the whole model.
+  Measured on the emulated testbed: mobilenet_v2 on a quota-0.5 device sums to 43.7 ms of block
+  medians against 60.8 ms whole, and the stages ran 57-82 ms (``bench/fidelity.py``).
 * ``transfer(n bytes, u -> v) = Σ_hops rtt_ms / 2 + n * 8 / (min_hops mbps * 1e3)
   + message_ms + copy(n)``, zero when ``u == v``. The route is the testbed's least-RTT path
   (``Testbed.path``). ``message_ms`` is the fixed cost of one framed message (header, system
@@ -66,11 +73,14 @@ class Overheads:
         copy_gbps: rate at which a device moves tensor bytes in or out of a socket (one side);
             about 0.14 ms for 0.8 MB on loopback here, i.e. ~46 Gbit/s. ``0`` disables the term.
         buffers: activations a stage holds per direction (bounded queues of the runtime).
+        whole_model: spread each profile's whole-model time over its blocks in proportion to
+            the block medians (see the module docstring); ``False`` sums the medians.
     """
 
     message_ms: float = 0.05
     copy_gbps: float = 40.0
     buffers: int = 2
+    whole_model: bool = True
 
     def copy_ms(self, nbytes: int) -> float:
         """Serialisation time of ``nbytes`` on one side of a transfer."""
@@ -79,7 +89,7 @@ class Overheads:
     @classmethod
     def none(cls) -> Overheads:
         """No overheads: the bare formulas of the design."""
-        return cls(message_ms=0.0, copy_gbps=0.0, buffers=0)
+        return cls(message_ms=0.0, copy_gbps=0.0, buffers=0, whole_model=False)
 
 
 @dataclass(frozen=True)
@@ -189,7 +199,10 @@ class CostModel:
             reference.cut_bytes(c) for c in range(self.n_blocks + 1)
         )
         self._times = {
-            d: tuple(b.time_ms * testbed.devices[d].scale for b in profiles[d].blocks)
+            d: tuple(
+                b.time_ms * testbed.devices[d].scale * self._whole_factor(profiles[d])
+                for b in profiles[d].blocks
+            )
             for d in self.devices
         }
         self._prefix = {
@@ -200,6 +213,13 @@ class CostModel:
         )
         self.block_mem_bytes = tuple(b.mem_bytes for b in reference.blocks)
         self._routes: dict[tuple[str, str], Route] = {}
+
+    def _whole_factor(self, profile: BlockProfile) -> float:
+        """``whole_ms / Σ block medians`` when ``Overheads.whole_model`` is on, else 1."""
+        total = profile.sum_ms
+        if not self.overheads.whole_model or total <= 0 or profile.whole_ms <= 0:
+            return 1.0
+        return profile.whole_ms / total
 
     def _check_profiles(self, profiles: Mapping[str, BlockProfile]) -> BlockProfile:
         missing = [d for d in self.devices if d not in profiles]

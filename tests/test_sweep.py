@@ -116,3 +116,22 @@ def test_cli_sweep_json_and_plot(root: Path, capsys: pytest.CaptureFixture[str])
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert main([*args, "--conditions", "lan,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_cost_model_spreads_the_whole_model_time_over_the_blocks() -> None:
+    import dataclasses
+
+    from optisplit.cost import CostModel, Overheads
+    from optisplit.plan import Plan
+
+    testbed = parse_testbed(TESTBED)
+    edge = dataclasses.replace(_profile("edge", 20.0), whole_ms=100.0)  # blocks sum to 80
+    profiles = {"edge": edge, "server": _profile("server", 2.0)}
+    model = CostModel(testbed, profiles)
+    assert model.compute_ms("edge", 0, 4) == pytest.approx(100.0)
+    assert model.compute_ms("edge", 1, 3) == pytest.approx(50.0)
+    assert model.compute_ms("server", 0, 4) == pytest.approx(8.0)
+    bare = CostModel(testbed, profiles, overheads=Overheads.none())
+    assert bare.compute_ms("edge", 0, 4) == pytest.approx(80.0)
+    evaluation = model.evaluate(Plan.parse("edge[0:4]"))
+    assert evaluation.latency_ms == pytest.approx(100.0)
