@@ -104,6 +104,8 @@ class Link:
 class Testbed:
     """Devices and links; ``source`` is where inputs appear, ``sink`` where results arrive."""
 
+    __test__ = False  # not a pytest test class
+
     name: str
     devices: dict[str, Device] = field(hash=False)
     links: tuple[Link, ...]

@@ -1,0 +1,176 @@
+"""The cost model against hand-computed values, memory and feasibility, and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from synthetic import synthetic_profile, two_device_testbed, write_profiles
+
+from optisplit.cost import CostModel, Overheads, load_cost_model
+from optisplit.errors import InvalidPlanError, ProfileError
+from optisplit.plan import Plan
+from optisplit.testbed import Device, Link, Testbed
+
+MIB = 2**20
+
+
+def _pair_model(overheads: Overheads, depth: int | None = None) -> CostModel:
+    profile = synthetic_profile(
+        3, times_ms=[10, 20, 30], cut_bytes=[125_000, 250_000, 12_500, 1_250]
+    )
+    testbed = two_device_testbed(rtt_ms=2.0, mbps=100.0, scale_b=0.5)
+    return CostModel(testbed, {"a": profile, "b": profile}, overheads=overheads, depth=depth)
+
+
+def test_two_devices_bare_formulas() -> None:
+    model = _pair_model(Overheads.none())
+    e = model.evaluate(Plan.parse("a[0:1] -> b[1:3]"))
+    # a computes 10; cut 1 (250 kB at 100 Mbit/s = 20 ms + 1 ms one way); b computes 25;
+    # the output returns to the sink a (1.25 kB = 0.1 ms + 1 ms)
+    assert e.latency_ms == pytest.approx(10 + 21 + 25 + 1.1)
+    assert [s.compute_ms for s in e.stages] == pytest.approx([10, 25])
+    assert [(t.src, t.dst, t.bytes) for t in e.transfers] == [
+        ("a", "b", 250_000),
+        ("b", "a", 1_250),
+    ]
+    assert [t.ms for t in e.transfers] == pytest.approx([21, 1.1])
+    # bottleneck: b's 25 ms (link a->b is busy 20 ms); 4 requests in flight hide the latency
+    assert e.throughput_rps == pytest.approx(40.0)
+    assert e.items_per_s == pytest.approx(40.0)
+    single = model.evaluate(Plan.parse("a[0:3]"))
+    assert single.latency_ms == pytest.approx(60) and single.transfers == ()
+    assert single.throughput_rps == pytest.approx(1000 / 60)
+
+
+def test_depth_bounds_throughput() -> None:
+    e = _pair_model(Overheads.none(), depth=1).evaluate(Plan.parse("a[0:1] -> b[1:3]"))
+    assert e.throughput_rps == pytest.approx(1000 / 57.1)
+    unbounded = _pair_model(Overheads.none(), depth=0).evaluate(Plan.parse("a[0:1] -> b[1:3]"))
+    assert unbounded.throughput_rps == pytest.approx(40.0)
+
+
+def test_message_and_copy_overheads() -> None:
+    # copy at 1 Gbit/s: n bytes take n * 8e-6 ms on each side
+    model = _pair_model(Overheads(message_ms=0.5, copy_gbps=1.0, buffers=0))
+    e = model.evaluate(Plan.parse("a[0:1] -> b[1:3]"))
+    assert [t.ms for t in e.transfers] == pytest.approx([1 + 20 + 0.5 + 2, 1 + 0.1 + 0.5 + 0.01])
+    assert e.latency_ms == pytest.approx(10 + 23.5 + 25 + 1.61)
+    # b: 25 compute + 2 receiving + 0.01 sending; a: 10 + 2 sending + 0.01 receiving the output
+    assert e.throughput_rps == pytest.approx(1000 / 27.01)
+
+
+def _star_model() -> CostModel:
+    """A camera (source and sink, no fast compute) and two workers behind a switch."""
+    devices = {
+        "cam": Device("cam", profile="host"),
+        "x": Device("x", profile="host"),
+        "y": Device("y", profile="host", scale=2.0, memory_bytes=5 * MIB),
+    }
+    links = (
+        Link("cam", "sw", rtt_ms=2.0, mbps=10.0),
+        Link("x", "sw", rtt_ms=1.0, mbps=100.0),
+        Link("y", "sw", rtt_ms=1.0, mbps=100.0),
+    )
+    testbed = Testbed("star", devices, links, "cam", "cam", ("sw",))
+    profile = synthetic_profile(
+        3,
+        times_ms=[4, 6, 8],
+        cut_bytes=[12_500, 50_000, 25_000, 2_500],
+        param_bytes=[1 * MIB, 2 * MIB, 3 * MIB],
+        mem_bytes=[MIB, MIB, MIB],
+    )
+    return CostModel(testbed, dict.fromkeys(devices, profile), overheads=Overheads.none())
+
+
+def test_multi_hop_with_a_source_outside_the_plan() -> None:
+    e = _star_model().evaluate(Plan.parse("x[0:2] -> y[2:3]"))
+    # input cam->sw->x: 1 + 0.5 ms + 12.5 kB at the 10 Mbit/s bottleneck (10 ms)
+    # cut 2 x->sw->y: 0.5 + 0.5 + 2 ms; output y->sw->cam: 0.5 + 1 + 2 ms
+    assert [(t.src, t.dst, t.bytes) for t in e.transfers] == [
+        ("cam", "x", 12_500),
+        ("x", "y", 25_000),
+        ("y", "cam", 2_500),
+    ]
+    assert [t.ms for t in e.transfers] == pytest.approx([11.5, 3.0, 3.5])
+    assert e.latency_ms == pytest.approx(11.5 + 10 + 3 + 16 + 3.5)
+    # busiest: y computing 16 ms (the cam->sw link is busy 10 ms); depth 4 -> 44/4 = 11 < 16
+    assert e.throughput_rps == pytest.approx(1000 / 16)
+    assert set(e.memory_bytes) == {"x", "y"}
+
+
+def test_transfers_sharing_a_link_direction_add_up() -> None:
+    e = _star_model().evaluate(Plan.parse("x[0:1] -> cam[1:2] -> y[2:3]"))
+    # sw->cam carries cut 1 (50 kB at 10 Mbit/s: 40 ms) and the output (2 ms): 42 ms busy
+    assert e.latency_ms == pytest.approx(11.5 + 4 + 41.5 + 6 + 21.5 + 16 + 3.5)
+    assert e.throughput_rps == pytest.approx(1000 / 42)
+
+
+def test_memory_and_feasibility() -> None:
+    model = _star_model()
+    e = model.evaluate(Plan.parse("x[0:1] -> y[1:3]"))
+    # y holds blocks 1-2: 5 MiB of parameters + 1 MiB peak > its 5 MiB limit
+    assert e.memory_bytes == {"x": 2 * MIB, "y": 6 * MIB}
+    assert not e.feasible
+    assert model.evaluate(Plan.parse("y[0:1] -> x[1:3]")).feasible
+    buffered = CostModel(
+        model.testbed,
+        {d: synthetic_profile(3, seed=1, cut_bytes=[10, 20, 30, 40]) for d in model.devices},
+        overheads=Overheads(buffers=2),
+    )
+    stage = buffered.evaluate(Plan.parse("x[0:2] -> y[2:3]"))
+    params = synthetic_profile(3, seed=1, cut_bytes=[10, 20, 30, 40]).blocks
+    peak = max(b.mem_bytes for b in params[:2])
+    assert stage.memory_bytes["x"] == params[0].param_bytes + params[1].param_bytes + peak + 2 * (
+        10 + 30
+    )
+
+
+def test_to_dict_keys() -> None:
+    doc = _pair_model(Overheads()).evaluate(Plan.parse("a[0:2] -> b[2:3]")).to_dict()
+    assert list(doc) == [
+        "plan",
+        "latency_ms",
+        "throughput_rps",
+        "items_per_s",
+        "memory_bytes",
+        "feasible",
+        "stages",
+        "transfers",
+    ]
+    assert doc["plan"] == "a[0:2] -> b[2:3]"
+    assert list(doc["stages"][0]) == ["device", "start", "end", "compute_ms"]
+    assert list(doc["transfers"][0]) == ["src", "dst", "bytes", "ms"]
+
+
+@pytest.mark.parametrize(
+    ("plan", "expected"),
+    [
+        ("a[0:1] -> z[1:3]", "unknown device 'z'"),
+        ("a[0:1] -> b[1:4]", "ends at block 4, but synth .* has 3 blocks"),
+        ("a[0:1] -> a[1:3]", "device 'a' appears twice"),
+        ("a[0:1] -> b[2:3]", "gap in plan"),
+        ("a[0:2] -> b[1:3]", "overlap in plan"),
+    ],
+)
+def test_plan_errors_are_one_line(plan: str, expected: str) -> None:
+    with pytest.raises(InvalidPlanError, match=expected) as info:
+        _pair_model(Overheads()).evaluate(Plan.parse(plan))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_mismatched_profiles(tmp_path: Path) -> None:
+    testbed = two_device_testbed()
+    with pytest.raises(ProfileError) as info:
+        load_cost_model("synth", testbed, profiles_root=str(tmp_path))
+    assert "device a" in str(info.value)
+    assert str(tmp_path / "devices" / "host" / "synth-b1.json") in str(info.value)
+    write_profiles(tmp_path, synthetic_profile(4, seed=3), ["host"])
+    model = load_cost_model("synth", testbed, profiles_root=str(tmp_path))
+    assert model.n_blocks == 4 and model.block_ms("b", 0) == pytest.approx(
+        0.5 * model.block_ms("a", 0)
+    )
+    with pytest.raises(ProfileError, match="disagree"):
+        CostModel(testbed, {"a": synthetic_profile(4), "b": synthetic_profile(5)})
+    with pytest.raises(ProfileError, match="no profile for device b"):
+        CostModel(testbed, {"a": synthetic_profile(4)})
