@@ -174,3 +174,53 @@ def test_missing_and_mismatched_profiles(tmp_path: Path) -> None:
         CostModel(testbed, {"a": synthetic_profile(4), "b": synthetic_profile(5)})
     with pytest.raises(ProfileError, match="no profile for device b"):
         CostModel(testbed, {"a": synthetic_profile(4)})
+
+
+def _cli_setup(tmp_path: Path) -> list[str]:
+    import yaml
+
+    write_profiles(tmp_path, synthetic_profile(4, seed=2), ["host"])
+    (tmp_path / "testbeds").mkdir()
+    (tmp_path / "testbeds" / "pair.yaml").write_text(
+        yaml.safe_dump(two_device_testbed().to_dict())
+    )
+    return ["--testbed", "pair", "--profiles", str(tmp_path)]
+
+
+def test_evaluate_command_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from optisplit.cli import main
+
+    common = _cli_setup(tmp_path)
+    plans = ["--plan", "a[0:4]", "--plan", "a[0:2] -> b[2:4]"]
+    assert main(["evaluate", "synth", *common, *plans, "--condition", "wifi", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["plan"] for o in out] == ["a[0:4]", "a[0:2] -> b[2:4]"]
+    assert set(out[1]) == {
+        "plan", "latency_ms", "throughput_rps", "items_per_s", "memory_bytes", "feasible",
+        "stages", "transfers",
+    }  # fmt: skip
+    # wifi: 10 ms RTT, so the cut transfer takes at least 5 ms one way
+    assert out[1]["transfers"][0]["ms"] > 5
+    assert main(["evaluate", "synth", *common, *plans[:2], "--link-mbps", "3"]) == 0
+    assert "a[0:4]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (["--plan", "a[0:2] -> q[2:4]"], 2, "unknown device 'q'"),
+        (["--plan", "a[0:2] -> b[3:4]"], 2, "gap in plan"),
+        (["--plan", "a[0:4]", "--condition", "storm"], 2, "unknown link condition 'storm'"),
+        (["--plan", "a[0:4]", "--batch-size", "8"], 1, "synth-b8.json"),
+    ],
+)
+def test_evaluate_command_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], code: int, message: str
+) -> None:
+    from optisplit.cli import main
+
+    assert main(["evaluate", "synth", *_cli_setup(tmp_path), *extra]) == code
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
