@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///studies/optisplit.db"
 DIRECTIONS = ("minimize", "maximize")
+METRIC_NAMES = ("latency_ms", "throughput_rps")
 STUDY_ATTRS = ("model", "testbed", "batch_size", "granularity", "condition", "profiles_root")
 MEASURED_BACKENDS = ("socket", "rpc", "inprocess")
 _BATCH = 2000
@@ -136,6 +137,7 @@ def create_study(
             raise StudyError(f"study {name!r} is not an optisplit study (other directions)")
     else:
         study = optuna.create_study(study_name=name, storage=store, directions=list(DIRECTIONS))
+        study.set_metric_names(list(METRIC_NAMES))
     for key, value in (attrs or {}).items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)

@@ -5,11 +5,23 @@ from __future__ import annotations
 from optisplit.errors import UsageError
 from optisplit.search.base import Engine, SearchResult
 from optisplit.search.exact import ExactEngine
+from optisplit.search.nsga2 import NSGA2Engine
+from optisplit.search.optuna_engine import OptunaEngine
 
-__all__ = ["ENGINES", "Engine", "ExactEngine", "SearchResult", "get_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "ExactEngine",
+    "NSGA2Engine",
+    "OptunaEngine",
+    "SearchResult",
+    "get_engine",
+]
 
 ENGINES: dict[str, type[Engine]] = {
     "exact": ExactEngine,
+    "nsga2": NSGA2Engine,
+    "optuna": OptunaEngine,
 }
 
 
