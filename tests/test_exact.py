@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from synthetic import all_plans, random_cost_model, random_testbed, synthetic_profile
 
-from optisplit.cost import CostModel, Evaluation, Overheads
+from optisplit.cost import CostModel, Evaluation, Overheads, load_cost_model
 from optisplit.errors import UsageError
 from optisplit.pareto import objective_key, pareto_front
 from optisplit.plan import Plan
 from optisplit.search import ENGINES, ExactEngine, get_engine
 from optisplit.search.exact import _Solver
-from optisplit.testbed import Device, load_testbed
+from optisplit.testbed import Device, apply_condition, load_testbed
 
 ROOT = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -105,3 +105,16 @@ def test_registry() -> None:
     assert get_engine("exact") is ExactEngine
     with pytest.raises(UsageError, match=r"unknown search engine 'best'; choose one of .*exact"):
         get_engine("best")
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("condition", [None, "wifi", "constrained"])
+def test_shipped_profiles_on_pi_pi_gpu(model_name: str, condition: str | None) -> None:
+    testbed = load_testbed("pi-pi-gpu", root=ROOT)
+    if condition is not None:
+        testbed = apply_condition(testbed, condition)
+    model = load_cost_model(model_name, testbed, profiles_root=str(ROOT))
+    brute = pareto_front([model.evaluate(p) for p in all_plans(model.devices, model.n_blocks)])
+    result = ExactEngine().run(model)
+    assert _keys(result.front) == _keys(brute)
+    assert result.seconds < 1.0
