@@ -80,10 +80,10 @@ def _run(args: argparse.Namespace) -> int:
     host, port = parse_address(args.listen)
     token = read_token(args.token_file)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
-
-    torch.set_num_threads(args.threads)
+    from optisplit.runtime.stage import configure_torch
     from optisplit.runtime.worker import Worker
+
+    configure_torch(args.threads, args.torch_device)
 
     try:
         worker = Worker(host, port, token, torch_device=args.torch_device)

@@ -53,17 +53,17 @@ _RPC_TIMEOUT_S = 120.0
 # -- worker side (the RPC child process) ----------------------------------------------------------
 
 _STAGES: dict[int, _StageHolder] = {}
+_TORCH_DEVICE = ["cpu"]  # this RPC child's compute device, set from its worker's --torch-device
 _REPLIES: queue.Queue[Any] = queue.Queue()
 
 
 class _StageHolder:
     """One stage's module on its worker; calls are serialised (one compute at a time)."""
 
-    def __init__(
-        self, index: int, spec: dict[str, Any], start: int, end: int, nxt: str, torch_device: str
-    ) -> None:
+    def __init__(self, index: int, spec: dict[str, Any], start: int, end: int, nxt: str) -> None:
         from optisplit.runtime.stage import build_stage
 
+        torch_device = _TORCH_DEVICE[0]
         self.index = index
         self.module = build_stage(ModelSpec.from_dict(spec), start, end, torch_device=torch_device)
         self.next = nxt
@@ -167,10 +167,12 @@ def start_rpc_process(
 
 def _stage_main(args: argparse.Namespace) -> int:
     """The RPC child of a worker: joins the group and serves stage calls until shutdown."""
-    import torch
     import torch.distributed.rpc as rpc
 
-    torch.set_num_threads(1)
+    from optisplit.runtime.stage import configure_torch
+
+    configure_torch(1, args.torch_device)
+    _TORCH_DEVICE[0] = args.torch_device
     _bind_interface(args.local_address)
     rpc.init_rpc(
         args.name,
@@ -228,7 +230,7 @@ class _Driver:
         self.names = [s["name"] for s in stages]
         for index, stage in enumerate(stages):
             nxt = ORCHESTRATOR if index == len(stages) - 1 else stages[index + 1]["name"]
-            args = (index, doc["spec"], stage["start"], stage["end"], nxt, doc["torch_device"])
+            args = (index, doc["spec"], stage["start"], stage["end"], nxt)
             self.rrefs.append(rpc.remote(stage["name"], _StageHolder, args=args))
         for stage, rref in zip(stages, self.rrefs):
             try:
@@ -320,12 +322,9 @@ class RpcBackend(Backend):
 
     name: ClassVar[str] = "rpc"
 
-    def __init__(
-        self, token: bytes, *, same_clock: bool = True, torch_device: str = "cpu"
-    ) -> None:
+    def __init__(self, token: bytes, *, same_clock: bool = True) -> None:
         self.token = token
         self.same_clock = same_clock
-        self.torch_device = torch_device
 
     def deploy(self, spec: ModelSpec, stages: Sequence[StagePlacement]) -> RpcDeployment:
         deployment = RpcDeployment(self, tuple(stages))
@@ -406,7 +405,6 @@ class RpcDeployment(Deployment):
             "master_addr": master,
             "master_port": port,
             "world_size": world,
-            "torch_device": self._backend.torch_device,
         }
         try:
             wire.send_control(parent, Kind.DEPLOY, doc)

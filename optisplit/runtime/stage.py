@@ -15,7 +15,7 @@ from optisplit.runtime.base import ModelSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ResourceSampler", "build_stage", "file_sha256", "run_stage"]
+__all__ = ["ResourceSampler", "build_stage", "configure_torch", "file_sha256", "run_stage"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -25,6 +25,22 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def configure_torch(threads: int, torch_device: str) -> None:
+    """Set up a stage process: ``threads`` intra-op threads; on CUDA, full fp32 (no TF32).
+
+    TF32 would make GPU stages differ from the single-process CPU model beyond the tolerance
+    outputs are checked with.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    if torch_device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeFailure("--torch-device cuda, but torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def build_stage(
