@@ -23,6 +23,7 @@ server.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -40,6 +41,7 @@ from typing import Any
 
 from optisplit._io import read_json, write_json
 from optisplit.errors import OptisplitError, TestbedError
+from optisplit.testbed import Testbed
 
 __all__ = [
     "MAGIC",
@@ -47,6 +49,7 @@ __all__ = [
     "LinkMeasurement",
     "ProbeError",
     "ProbeServer",
+    "apply_link_measurements",
     "links_path",
     "load_link_measurements",
     "probe_link",
@@ -393,3 +396,25 @@ def save_link_measurement(
         "links": [found[k] for k in sorted(found)],
     }
     return write_json(links_path(testbed, root=root), doc)
+
+
+def apply_link_measurements(
+    testbed: Testbed, *, root: str | os.PathLike[str] = "profiles"
+) -> Testbed:
+    """The testbed with the RTT and bandwidth of every measured link replacing its spec.
+
+    Measurements come from ``<root>/links/<testbed>.json``; a measured pair that is not a
+    direct link of the testbed (a multi-hop path) is ignored with a warning.
+    """
+    found = load_link_measurements(testbed.name, root=root)
+    links = []
+    for link in testbed.links:
+        measured = found.pop((min(link.a, link.b), max(link.a, link.b)), None)
+        if measured is not None:
+            link = dataclasses.replace(
+                link, rtt_ms=float(measured["rtt_ms"]), mbps=float(measured["mbps"])
+            )
+        links.append(link)
+    for a, b in found:
+        log.warning("measured pair %s-%s is not a direct link of %s; ignored", a, b, testbed.name)
+    return dataclasses.replace(testbed, links=tuple(links))

@@ -115,3 +115,29 @@ def test_link_file_replaces_a_pair(tmp_path: Path) -> None:
     found = load_link_measurements("t", root=tmp_path)
     assert sorted(found) == [("a", "b"), ("a", "c")]
     assert found[("a", "b")]["rtt_samples"] == 3
+
+
+def test_measured_links_feed_the_cost_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from synthetic import synthetic_profile, write_profiles
+
+    from optisplit.probe import apply_link_measurements
+
+    testbed = two_device_testbed(rtt_ms=2.0, mbps=100.0)
+    (tmp_path / "testbeds").mkdir()
+    (tmp_path / "testbeds" / "pair.yaml").write_text(yaml.safe_dump(testbed.to_dict()))
+    write_profiles(tmp_path, synthetic_profile(3, cut_bytes=[1000, 125_000, 1000, 10]), ["host"])
+    with ProbeServer("127.0.0.1", 0) as server:
+        measured = probe_link(*server.address, rtt_samples=3, bulk_bytes=1000)
+    save_link_measurement("pair", "b", "a", measured, root=tmp_path)
+    applied = apply_link_measurements(testbed, root=tmp_path)
+    assert applied.links[0].rtt_ms == measured.rtt_ms and applied.links[0].mbps == measured.mbps
+    args = ["evaluate", "synth", "--testbed", "pair", "--profiles", str(tmp_path)]
+    args += ["--plan", "a[0:1] -> b[1:3]", "--json", "--link-mbps", "10"]
+    assert main(args) == 0
+    spec = json.loads(capsys.readouterr().out)[0]["transfers"][0]["ms"]
+    assert main([*args, "--measured-links"]) == 0
+    faster = json.loads(capsys.readouterr().out)[0]["transfers"][0]["ms"]
+    # 125 kB at 10 Mbit/s is 100 ms either way; the one-way delay is half the measured RTT
+    assert faster == pytest.approx(spec - 1.0 + measured.rtt_ms / 2)

@@ -75,17 +75,26 @@ def add_testbed_arguments(parser: argparse.ArgumentParser) -> None:
         help="set every link's bandwidth (Mbit/s), after --condition",
     )
     parser.add_argument(
+        "--measured-links",
+        action="store_true",
+        help="use the links measured by 'optisplit probe-link' (profiles/links/<testbed>.json)",
+    )
+    parser.add_argument(
         "--profiles", default="profiles", help="profiles root (default: %(default)s)"
     )
 
 
 def testbed_from_args(args: argparse.Namespace) -> Testbed:
-    """The testbed named by ``--testbed`` with ``--condition`` and link overrides applied."""
+    """The testbed named by ``--testbed``: measured links, then ``--condition``, then overrides."""
     from optisplit.testbed import apply_condition, load_testbed
 
     if args.link_rtt_ms is not None and not args.link_rtt_ms >= 0:
         raise UsageError(f"--link-rtt-ms must be a number >= 0, got {args.link_rtt_ms}")
     testbed = load_testbed(args.testbed, root=args.profiles)
+    if getattr(args, "measured_links", False):
+        from optisplit.probe import apply_link_measurements
+
+        testbed = apply_link_measurements(testbed, root=args.profiles)
     if args.condition:
         testbed = apply_condition(testbed, args.condition)
     if args.link_rtt_ms is not None or args.link_mbps is not None:
