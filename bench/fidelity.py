@@ -4,10 +4,12 @@ For each testbed (``local``: 2 devices, ``local3``: 3 devices), each model, each
 wifi, constrained) and each backend (socket, rpc): bring the emulated testbed up under that
 condition, search the exact front with the cost model, validate every front plan, and report
 latency and throughput MAPE, Spearman per objective and front precision/recall
-(``optisplit.compare``). Profiles are measured first inside each device's sandbox.
+(``optisplit.compare``). Profiles are measured first inside each device's sandbox, by default
+with the CPU clock (immune to other processes on a shared host; the cost model divides CPU-clock
+times by the device's CPU quota).
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
-        [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 6]
+        [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--clock cpu]
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).
@@ -43,23 +45,29 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--testbeds", default="local,local3")
     parser.add_argument("--conditions", default="lan,wifi,constrained")
     parser.add_argument("--backends", default="socket,rpc")
-    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--profiles", default=str(RESULTS / "profiles"))
+    parser.add_argument(
+        "--clock",
+        default="cpu",
+        choices=("cpu", "wall"),
+        help="profile clock: cpu (immune to other load; the cost model divides by the quota)",
+    )
+    parser.add_argument("--profiles", default=None, help="default: bench/results/profiles-CLOCK")
     parser.add_argument("--reprofile", action="store_true")
     parser.add_argument("--skip-checks", action="store_true", help="do not probe the testbed")
     parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     return parser.parse_args()
 
 
-def _profile(bed: Testbed, model: str, root: str, reprofile: bool) -> None:
+def _profile(bed: Testbed, model: str, root: str, clock: str, reprofile: bool) -> None:
     """Profile ``model`` on every device inside its sandbox (the testbed is up)."""
     for device in sorted({d.profile for d in bed.devices.values()}):
         if profile_path(root, device, model, 1).is_file() and not reprofile:
             continue
         argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
         argv += ["--testbed", str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml")]
-        argv += ["--out", root, "--json"]
+        argv += ["--out", root, "--clock", clock, "--json"]
         subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -122,6 +130,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 def main() -> int:
     args = _args()
+    args.profiles = args.profiles or str(RESULTS / f"profiles-{args.clock}")
     models = args.models.split(",")
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -131,7 +140,7 @@ def main() -> int:
         try:
             emulate.up(apply_condition(base, "lan"), check=not args.skip_checks)
             for model in models:
-                _profile(base, model, args.profiles, args.reprofile)
+                _profile(base, model, args.profiles, args.clock, args.reprofile)
             for condition in args.conditions.split(","):
                 bed = apply_condition(base, condition)
                 emulate.up(bed, check=not args.skip_checks)

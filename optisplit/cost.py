@@ -12,6 +12,11 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   it, so medians miss the stalls); a stage runs its blocks back to back like the whole model.
   Measured on the emulated testbed: mobilenet_v2 on a quota-0.5 device sums to 43.7 ms of block
   medians against 60.8 ms whole, and the stages ran 57-82 ms (``bench/fidelity.py``).
+* A profile timed with the CPU clock (provenance ``clock: cpu``: the thread's CPU time, immune to
+  other processes on a shared host) measures work, not wall time; on a device limited to a CPU
+  quota ``q`` (a fraction of one core; emulated devices) that work takes ``1 / min(q, 1)`` times
+  as long, so ``compute_i`` is further divided by ``min(q, 1)``. Wall-clock profiles (the
+  default) already include the quota.
 * ``transfer(n bytes, u -> v) = Σ_hops rtt_ms / 2 + n * 8 / (min_hops mbps * 1e3)
   + message_ms + copy(n)``, zero when ``u == v``. The route is the testbed's least-RTT path
   (``Testbed.path``). ``message_ms`` is the fixed cost of one framed message (header, system
@@ -200,7 +205,10 @@ class CostModel:
         )
         self._times = {
             d: tuple(
-                b.time_ms * testbed.devices[d].scale * self._whole_factor(profiles[d])
+                b.time_ms
+                * testbed.devices[d].scale
+                * self._whole_factor(profiles[d])
+                * self._quota_factor(d, profiles[d])
                 for b in profiles[d].blocks
             )
             for d in self.devices
@@ -220,6 +228,13 @@ class CostModel:
         if not self.overheads.whole_model or total <= 0 or profile.whole_ms <= 0:
             return 1.0
         return profile.whole_ms / total
+
+    def _quota_factor(self, device: str, profile: BlockProfile) -> float:
+        """``1 / min(cpu_quota, 1)`` for a CPU-clock profile on a quota-limited device, else 1."""
+        quota = self.testbed.devices[device].cpu_quota
+        if profile.provenance.get("clock") != "cpu" or quota is None or quota <= 0:
+            return 1.0
+        return 1.0 / min(quota, 1.0)
 
     def _check_profiles(self, profiles: Mapping[str, BlockProfile]) -> BlockProfile:
         missing = [d for d in self.devices if d not in profiles]

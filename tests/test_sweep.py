@@ -135,3 +135,22 @@ def test_cost_model_spreads_the_whole_model_time_over_the_blocks() -> None:
     assert bare.compute_ms("edge", 0, 4) == pytest.approx(80.0)
     evaluation = model.evaluate(Plan.parse("edge[0:4]"))
     assert evaluation.latency_ms == pytest.approx(100.0)
+
+
+def test_cpu_clock_profiles_are_divided_by_the_device_quota() -> None:
+    import dataclasses
+
+    from optisplit.cost import CostModel
+
+    spec = {**TESTBED, "devices": {"edge": {"cpu_quota": 0.25}, "server": {"cpu_quota": 2.0}}}
+    testbed = parse_testbed(spec)
+    cpu = {"clock": "cpu"}
+    profiles = {
+        "edge": dataclasses.replace(_profile("edge", 20.0), provenance=cpu),
+        "server": dataclasses.replace(_profile("server", 2.0), provenance=cpu),
+    }
+    model = CostModel(testbed, profiles)
+    assert model.compute_ms("edge", 0, 4) == pytest.approx(320.0)  # 80 ms of work at 1/4 core
+    assert model.compute_ms("server", 0, 4) == pytest.approx(8.0)  # one thread: at most 1 core
+    wall = CostModel(testbed, {"edge": _profile("edge", 20.0), "server": _profile("server", 2.0)})
+    assert wall.compute_ms("edge", 0, 4) == pytest.approx(80.0)  # wall clock includes the quota
