@@ -10,6 +10,7 @@ import random
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,8 +115,9 @@ def test_fuzzed_worker_logs_rejects_and_keeps_serving(
     rejections = [r for r in caplog.records if "rejected connection" in r.getMessage()]
     assert len(rejections) >= 1060
     reasons = " ".join(r.getMessage() for r in rejections)
-    for reason in ("bad magic", "exceed", "connection closed", "HMAC mismatch"):
+    for reason in ("exceed", "connection closed", "HMAC mismatch"):
         assert reason in reasons
+    assert "bad magic" in reasons or "not a probe client" in reasons
 
     # the fuzzed worker still deploys and serves a normal request
     os.chdir(ROOT)
@@ -128,6 +130,20 @@ def test_fuzzed_worker_logs_rejects_and_keeps_serving(
     with SocketBackend(TOKEN).deploy(spec, stages) as deployment:
         result = measure(deployment, inputs, expected, requests=2, warmup=0, depth=2)
     assert result.outputs_match
+
+
+def test_link_probes_are_answered_on_the_worker_port(served: list[Worker]) -> None:
+    from optisplit.probe import ProbeError, probe_link
+
+    host, port = served[0].address
+    link = probe_link(host, port, token=TOKEN, rtt_samples=5, bulk_bytes=1 << 20)
+    assert link.rtt_ms > 0
+    with pytest.raises(ProbeError):
+        probe_link(host, port, token=b"wrong", rtt_samples=2, bulk_bytes=1 << 16)
+    deadline = time.monotonic() + 5.0
+    while served[0].rejected < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served[0].rejected == 1
 
 
 def test_a_second_orchestrator_is_refused_while_one_deploys(served: list[Worker]) -> None:

@@ -272,7 +272,7 @@ class Worker:
                 self._control_loop(conn)
             else:
                 keep = self._attach(conn, role)
-        except (FrameError, OptisplitError) as exc:
+        except (FrameError, OptisplitError, OSError) as exc:
             self.rejected += 1
             log.warning("rejected connection from %s: %s", _peer(peer), exc)
         except Exception:
