@@ -190,3 +190,44 @@ def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], messa
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert out.stdout == ""
+
+
+def test_testbed_with_addresses_drives_running_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import psutil
+
+    from optisplit.errors import UsageError
+    from optisplit.runtime.worker import Worker
+    from optisplit.testbed import load_testbed
+    from optisplit.validate import validate_plans
+
+    monkeypatch.chdir(ROOT)
+    token = b"site-token"
+    workers = [Worker("127.0.0.1", 0, token) for _ in range(2)]
+    for worker in workers:
+        threading.Thread(target=worker.serve_forever, daemon=True).start()
+    doc = yaml.safe_load(_testbed(tmp_path).read_text())
+    for name, worker in zip(("d0", "d1"), workers):
+        doc["devices"][name]["address"] = "{}:{}".format(*worker.address)
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    testbed = load_testbed(str(path))
+    plans = ["d1[0:2] -> d0[2:6]"]
+    common: dict[str, Any] = {"backend": "socket", "module": FACTORY, "out_dir": tmp_path}
+    try:
+        with pytest.raises(UsageError, match="token"):
+            validate_plans("tiny", testbed, plans, **common)
+        (result,) = validate_plans(
+            "tiny", testbed, plans, requests=3, warmup=1, token=token, **common
+        )
+    finally:
+        for worker in workers:
+            worker.shutdown()
+    assert result["error"] is None and result["outputs_match"] is True
+    # source d0 is not the first device: the input reaches d1 through a relay on d0
+    hops = [(t["src"], t["dst"]) for t in result["measured"]["transfers"]]
+    assert hops == [("d0", "d0"), ("d0", "d1"), ("d1", "d0"), ("d0", "d0")]
+    assert not [p for p in psutil.Process().children() if "worker" in " ".join(p.cmdline())]
