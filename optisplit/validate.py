@@ -255,7 +255,7 @@ class _Run:
         }
         try:
             measured = self._measure(plan, requests, warmup, depth, timeout_s, on_progress)
-        except RuntimeFailure as exc:
+        except (RuntimeFailure, OSError) as exc:
             log.warning("plan %s failed: %s", text, exc)
             result["error"] = str(exc)
             return result
