@@ -17,9 +17,9 @@ Cut ``c`` separates blocks ``< c`` from blocks ``>= c``; its name is the qualifi
 first module after it (torch.distributed.pipelining's ``SplitPoint.BEGINNING`` convention).
 
 Coarse units: the model's children, descending into every plain ``nn.Sequential`` or
-``nn.ModuleList`` (not their subclasses such as ``Conv2dNormActivation``), and into a top-level
-child that holds a plain container of at least four non-leaf modules (the encoder layers of a
-vision transformer). This yields every ``features`` child of AlexNet, VGG and MobileNetV2, every
+``nn.ModuleList``, into a ``Sequential`` subclass that only chains blocks (RegNet's stages; not
+``Conv2dNormActivation``, whose children are single layers), and into a top-level child that
+holds a plain container of at least four non-leaf modules (a vision transformer's encoder). This yields every ``features`` child of AlexNet, VGG and MobileNetV2, every
 residual block of the ResNets and every child of InceptionV3: each cut the ParetoPipe paper used.
 """
 
@@ -138,7 +138,11 @@ def coarse_units(model: torch.nn.Module) -> set[str]:
     def visit(module: torch.nn.Module, prefix: str, top: bool) -> None:
         for name, child in module.named_children():
             qualified = f"{prefix}{name}"
-            if _is_plain_container(child) or (top and _holds_layer_stack(child)):
+            if (
+                _is_plain_container(child)
+                or _is_stage_of_blocks(child)
+                or (top and _holds_layer_stack(child))
+            ):
                 visit(child, qualified + ".", top=False)
             else:
                 units.add(qualified)
@@ -151,6 +155,20 @@ def _is_plain_container(module: torch.nn.Module) -> bool:
     import torch
 
     return type(module) in (torch.nn.Sequential, torch.nn.ModuleList)
+
+
+def _is_stage_of_blocks(module: torch.nn.Module) -> bool:
+    """A ``Sequential`` subclass that only chains blocks (RegNet's ``AnyStage``), unlike
+    ``Conv2dNormActivation``, whose children are single layers."""
+    import torch
+
+    children = list(module.children())
+    return (
+        isinstance(module, torch.nn.Sequential)
+        and type(module).forward is torch.nn.Sequential.forward
+        and bool(children)
+        and all(any(True for _ in c.children()) for c in children)
+    )
 
 
 def _holds_layer_stack(module: torch.nn.Module) -> bool:
@@ -393,7 +411,8 @@ def _crossing_values(
 
 
 def _block_name(nodes: list[fx.Node]) -> str:
-    node = nodes[0]
+    """The first module the block calls; else its first operation, qualified by its scope."""
+    node = next((n for n in nodes if n.op == "call_module"), nodes[0])
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack") or {}
