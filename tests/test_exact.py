@@ -9,12 +9,12 @@ import pytest
 from synthetic import all_plans, random_cost_model, random_testbed, synthetic_profile
 
 from optisplit.cost import CostModel, Evaluation, Overheads, load_cost_model
-from optisplit.errors import UsageError
+from optisplit.errors import SearchError, UsageError
 from optisplit.pareto import objective_key, pareto_front
 from optisplit.plan import Plan
 from optisplit.search import ENGINES, ExactEngine, get_engine
 from optisplit.search.exact import _Solver
-from optisplit.testbed import Device, apply_condition, load_testbed
+from optisplit.testbed import Device, Link, Testbed, apply_condition, load_testbed
 
 ROOT = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -118,3 +118,12 @@ def test_shipped_profiles_on_pi_pi_gpu(model_name: str, condition: str | None) -
     result = ExactEngine().run(model)
     assert _keys(result.front) == _keys(brute)
     assert result.seconds < 1.0
+
+
+def test_too_many_devices_is_a_clear_error() -> None:
+    devices = {f"d{i}": Device(f"d{i}", "host") for i in range(17)}
+    links = tuple(Link(f"d{i}", "d0", 1.0, 100.0) for i in range(1, 17))
+    testbed = Testbed("big", devices, links, "d0", "d0", ())
+    model = CostModel(testbed, dict.fromkeys(devices, synthetic_profile(2)))
+    with pytest.raises(SearchError, match="17 devices of big"):
+        ExactEngine().run(model)

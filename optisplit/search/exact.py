@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from optisplit.errors import SearchError
 from optisplit.pareto import objective_key, pareto_front
 from optisplit.plan import Plan
 from optisplit.search.base import Engine, SearchResult
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["ExactEngine", "exact_front"]
 
 _F = np.float64
+_MAX_DEVICES = 16
 
 
 class ExactEngine(Engine):
@@ -104,6 +106,12 @@ class _Solver:
         self.model = model
         self.devices = model.devices
         self.n = len(self.devices)
+        if self.n > _MAX_DEVICES:
+            raise SearchError(
+                f"the exact search visits every subset of the {self.n} devices of "
+                f"{model.testbed.name} (2^{self.n}); use it up to {_MAX_DEVICES} devices, "
+                "or the nsga2 or optuna engine"
+            )
         self.B = model.n_blocks
         self.s = self.devices.index(model.testbed.source)
         self.t = self.devices.index(model.testbed.sink)
@@ -492,20 +500,20 @@ def _filter_2d(settled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column, rows (in latency order) not dominated in settled busy and open link loads."""
+    """Per column, rows (in latency order) not dominated in settled busy and open link loads.
+
+    The first surviving row of a column is never dominated (dominance is transitive), so it
+    is kept and every row it dominates is dropped; one pass per kept label.
+    """
     srcs, ends = [], []
     for end in np.nonzero(np.isfinite(settled).any(axis=0))[0]:
-        kept: list[int] = []
-        for r in np.nonzero(np.isfinite(settled[:, end]))[0]:
-            if kept:
-                k = np.array(kept)
-                if np.any(
-                    (settled[k, end] <= settled[r, end]) & np.all(opened[k] <= opened[r], axis=1)
-                ):
-                    continue
-            kept.append(int(r))
-        srcs += kept
-        ends += [int(end)] * len(kept)
+        column = settled[:, end]
+        alive = np.isfinite(column)
+        while alive.any():
+            first = int(np.argmax(alive))
+            srcs.append(first)
+            ends.append(int(end))
+            alive &= ~((column >= column[first]) & np.all(opened >= opened[first], axis=1))
     return np.array(srcs, dtype=np.intp), np.array(ends, dtype=np.intp)
 
 
