@@ -90,6 +90,7 @@ def _descriptor(code: int, shape: list[int], nbytes: int | None = None) -> bytes
         (_prefix(n=1) + _descriptor(1, [2, 3], nbytes=999), "does not match shape"),
         (_prefix(n=1) + _descriptor(1, [1 << 20, 1 << 20]), "exceeds the limit"),
         (_prefix(n=1) + struct.pack("!BB6xQ8Q", 1, 9, 4, *[1] * 8), "dims exceed"),
+        (_prefix(n=2) + _descriptor(1, [1 << 22]) * 2, "exceed the frame limit"),
         (_prefix(n=1) + _descriptor(1, [4]), "connection closed"),  # truncated
         (_prefix()[:10], "connection closed"),
     ],

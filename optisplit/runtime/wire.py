@@ -64,6 +64,7 @@ MAX_DIMS = 8
 MAX_STAMPS = 4096
 MAX_BODY = 1 << 20
 MAX_TENSOR_BYTES = 1 << 31
+"""Default limit on the tensor bytes of one frame (2 GiB)."""
 NONCE_BYTES = 32
 _ROLE = re.compile(r"^(control|data:\d{1,4})$")
 _POLL_S = 0.25
@@ -268,7 +269,7 @@ def recv_frame(
         idle_timeout: how long to wait for the frame to start (None: forever, polling ``stop``).
         frame_timeout: deadline for the rest of the frame once its first byte arrived.
         stop: a threading.Event; when set, waiting stops with FrameError.
-        max_tensor_bytes: the largest single tensor accepted.
+        max_tensor_bytes: the most tensor bytes one frame may carry (all tensors together).
         eof_ok: return None on a clean end of stream before a frame starts.
 
     Raises:
@@ -292,6 +293,9 @@ def recv_frame(
         )
         for i in range(n_tensors)
     ]
+    total = sum(math.prod(shape) * _ITEMSIZE[code] for code, shape in specs)
+    if total > max_tensor_bytes:
+        raise FrameError(f"tensors of {total} bytes exceed the frame limit of {max_tensor_bytes}")
     tail = bytearray(8 * n_stamps + body_len)
     _recv_into(sock, memoryview(tail), deadline, "stamps and body")
     stamps = list(struct.unpack(f"!{n_stamps}d", tail[: 8 * n_stamps]))
