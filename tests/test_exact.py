@@ -117,7 +117,7 @@ def test_shipped_profiles_on_pi_pi_gpu(model_name: str, condition: str | None) -
     brute = pareto_front([model.evaluate(p) for p in all_plans(model.devices, model.n_blocks)])
     result = ExactEngine().run(model)
     assert _keys(result.front) == _keys(brute)
-    assert result.seconds < 1.0
+    assert result.seconds < 2.0  # the 1 s target is measured by bench/exact.py; slack for CI load
 
 
 def test_too_many_devices_is_a_clear_error() -> None:
