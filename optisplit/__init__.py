@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "UsageError": "optisplit.errors",
     "Worker": "optisplit.runtime.worker",
     "apply_condition": "optisplit.testbed",
+    "apply_link_measurements": "optisplit.probe",
     "build_model": "optisplit.zoo",
     "check_testbed": "optisplit.emulate",
     "example_input": "optisplit.zoo",
