@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import itertools
+
 from synthetic import synthetic_profile  # noqa: E402
 
 from optisplit.cli._common import print_table  # noqa: E402
@@ -100,22 +102,27 @@ def edge8_fine() -> list[dict[str, Any]]:
     return rows
 
 
-def _star(n: int) -> Testbed:
+def _network(n: int, switches: int) -> Testbed:
+    """n mixed devices spread over a chain of switches (trunks shared by several transfers)."""
     scales = (8.0, 8.0, 0.5, 0.05, 8.0, 0.3, 0.5, 8.0)
+    names = [f"sw{i}" for i in range(switches)]
     devices = {f"d{i}": Device(f"d{i}", "host", scale=scales[i]) for i in range(n)}
-    links = tuple(Link(f"d{i}", "sw", 0.2, 1000.0) for i in range(n))
-    return Testbed(f"star{n}", devices, links, "d0", "d0", ("sw",))
+    links = [Link(f"d{i}", names[i % switches], 0.2, 1000.0) for i in range(n)]
+    links += [Link(a, b, 0.5, 1000.0) for a, b in itertools.pairwise(names)]
+    return Testbed(f"net{n}", devices, tuple(links), "d0", "d0", tuple(names))
 
 
 def growth() -> list[dict[str, Any]]:
-    """Synthetic chains (random block times and cut sizes) on a star of n mixed devices."""
+    """Synthetic chains (random block times and cut sizes) on n mixed devices: one switch (a
+    star), or two switches whose trunk carries several transfers of a plan (open labels)."""
+    cases = [(n, 1, b) for n in (2, 4, 6, 8) for b in (25, 50, 100, 200)]
+    cases += [(n, 2, b) for n in (4, 8) for b in (25, 50)]
     rows = []
-    for n in (2, 4, 6, 8):
-        for blocks in (25, 50, 100, 200):
-            testbed = _star(n)
-            profile = synthetic_profile(blocks, seed=7)
-            model = CostModel(testbed, dict.fromkeys(testbed.devices, profile))
-            rows.append({"devices": n, **_timed(model)})
+    for n, switches, blocks in cases:
+        testbed = _network(n, switches)
+        profile = synthetic_profile(blocks, seed=7)
+        model = CostModel(testbed, dict.fromkeys(testbed.devices, profile))
+        rows.append({"devices": n, "switches": switches, **_timed(model)})
     return rows
 
 
