@@ -7,6 +7,7 @@ Run: ``.venv/bin/python bench/exact.py``. Prints three tables and writes
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -16,8 +17,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-
-import itertools
 
 from synthetic import synthetic_profile  # noqa: E402
 
