@@ -29,10 +29,18 @@ likewise the sink's downlink. Any other link direction that two transfers of one
 (a trunk between switches, a device forwarding traffic) is *open*: its running sum is part of
 the label and compared component-wise, so the bottleneck stays the exact sum over the transfers.
 
+Bounding (branch and bound on top of the DP). Device sets are visited by size, so short plans
+complete first. A label is dropped when a complete plan already found has a latency no higher
+than the label's latency lower bound (the remaining blocks each on its fastest device, plus the
+cheapest transfer away) and a throughput no lower than the label's throughput upper bound (its
+busy times can only grow). Such a label can only produce dominated or equal points.
+
 Complexity: ``O(2^n · n² · B² · F)`` for ``n`` devices, ``B`` blocks and ``F`` labels per state;
-the inner ``B²`` work runs as numpy array operations. Tied plans (equal objectives) keep one
-representative (``optisplit.pareto``). ``budget`` is ignored. ``evaluations`` counts the complete
-plans whose objectives the DP computed.
+the inner ``B²`` work runs as numpy array operations, and rows of one end cut are ordered once
+(the latency at end ``b`` of a stage starting at ``c`` is ``L - P[c] + P[b]``). Objectives are
+exact up to floating-point rounding (front points are compared at 12 significant digits). Tied
+plans keep one representative (``optisplit.pareto``). ``budget`` is ignored. ``evaluations``
+counts the complete plans whose objectives the DP computed.
 """
 
 from __future__ import annotations
