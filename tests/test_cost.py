@@ -60,8 +60,8 @@ def test_message_and_copy_overheads() -> None:
     assert e.throughput_rps == pytest.approx(1000 / 27.01)
 
 
-def _star_model() -> CostModel:
-    """A camera (source and sink, no fast compute) and two workers behind a switch."""
+def _star_model(sink: str = "cam") -> CostModel:
+    """A camera (source, and sink by default) and two workers behind a switch."""
     devices = {
         "cam": Device("cam", profile="host"),
         "x": Device("x", profile="host"),
@@ -72,7 +72,7 @@ def _star_model() -> CostModel:
         Link("x", "sw", rtt_ms=1.0, mbps=100.0),
         Link("y", "sw", rtt_ms=1.0, mbps=100.0),
     )
-    testbed = Testbed("star", devices, links, "cam", "cam", ("sw",))
+    testbed = Testbed("star", devices, links, "cam", sink, ("sw",))
     profile = synthetic_profile(
         3,
         times_ms=[4, 6, 8],
@@ -97,6 +97,15 @@ def test_multi_hop_with_a_source_outside_the_plan() -> None:
     # busiest: y computing 16 ms (the cam->sw link is busy 10 ms); depth 4 -> 44/4 = 11 < 16
     assert e.throughput_rps == pytest.approx(1000 / 16)
     assert set(e.memory_bytes) == {"x", "y"}
+
+
+def test_sink_elsewhere_is_routed() -> None:
+    e = _star_model(sink="x").evaluate(Plan.parse("y[0:3]"))
+    # input cam->sw->y 11.5 ms; y computes 2 x 18 ms; output y->sw->x: 1 ms + 2.5 kB at 100 Mbit/s
+    assert [(t.src, t.dst) for t in e.transfers] == [("cam", "y"), ("y", "x")]
+    assert [t.ms for t in e.transfers] == pytest.approx([11.5, 1.2])
+    assert e.latency_ms == pytest.approx(11.5 + 36 + 1.2)
+    assert e.throughput_rps == pytest.approx(1000 / 36)
 
 
 def test_transfers_sharing_a_link_direction_add_up() -> None:
