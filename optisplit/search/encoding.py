@@ -31,6 +31,7 @@ constraint of Optuna.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -126,27 +127,106 @@ class SplitEncoding:
         return slots + [f"key_{d}" for d in self.devices]
 
 
-def mutate(x: np.ndarray, encoding: SplitEncoding, rng: np.random.Generator) -> None:
-    """Apply one random plan move to ``x`` in place: shift, add or drop a cut, or swap keys."""
-    slots = x[: encoding.n_slots]
-    used = np.flatnonzero(slots > 0)
-    free = np.flatnonzero(slots == 0)
-    last = encoding.n_blocks - 1
+def mutate(x: IntVector, encoding: SplitEncoding, rng: np.random.Generator) -> None:
+    """Apply one random plan move to ``x`` in place, leaving it canonical.
+
+    Moves (probabilities): shift a cut by a few blocks (0.4); split a stage, handing its head or
+    tail to an unused device (0.2); merge two neighbouring stages (0.15); give a stage to an
+    unused device (0.15); swap the devices of two stages (0.1). A move that does not apply to
+    the plan (no unused device, a single block) leaves it unchanged.
+    """
+    plan = encoding.decode(x)
+    bounds = [0, *plan.cuts, encoding.n_blocks]
+    devices = list(plan.devices)
+    unused = [d for d in encoding.devices if d not in devices]
     move = rng.random()
-    if last < 1 or move >= 0.8:
-        if len(encoding.devices) > 1:
-            a, b = rng.choice(len(encoding.devices), size=2, replace=False)
-            keys = x[encoding.n_slots :]
-            keys[a], keys[b] = keys[b], keys[a]
-    elif len(used) and move < 0.45:
-        slot = int(rng.choice(used))
-        reach = max(1, last // 6)
-        step = int(rng.integers(1, reach + 1)) * (1 if rng.random() < 0.5 else -1)
-        slots[slot] = min(max(int(slots[slot]) + step, 1), last)
-    elif len(free) and move < 0.65:
-        slots[int(rng.choice(free))] = int(rng.integers(1, last + 1))
-    elif len(used):
-        slots[int(rng.choice(used))] = 0
+    if move < 0.4 and len(bounds) > 2:
+        _shift(bounds, rng)
+    elif move < 0.6 and unused:
+        _split(bounds, devices, str(rng.choice(unused)), rng)
+    elif move < 0.75 and len(devices) > 1:
+        i = int(rng.integers(1, len(devices)))
+        del bounds[i]
+        del devices[i - 1 if rng.random() < 0.5 else i]
+    elif move < 0.9 and unused:
+        devices[int(rng.integers(len(devices)))] = str(rng.choice(unused))
+    elif len(devices) > 1:
+        i, j = (int(v) for v in rng.choice(len(devices), size=2, replace=False))
+        devices[i], devices[j] = devices[j], devices[i]
+    x[:] = encoding.encode(Plan.from_cuts(devices, bounds[1:-1], encoding.n_blocks))
+
+
+def _shift(bounds: list[int], rng: np.random.Generator) -> None:
+    i = int(rng.integers(1, len(bounds) - 1))
+    reach = max(1, (bounds[-1] - 1) // 6)
+    step = int(rng.integers(1, reach + 1)) * (1 if rng.random() < 0.5 else -1)
+    bounds[i] = min(max(bounds[i] + step, bounds[i - 1] + 1), bounds[i + 1] - 1)
+
+
+def _split(bounds: list[int], devices: list[str], new: str, rng: np.random.Generator) -> None:
+    wide = [i for i in range(len(devices)) if bounds[i + 1] - bounds[i] > 1]
+    if not wide:
+        return
+    i = int(rng.choice(wide))
+    cut = int(rng.integers(bounds[i] + 1, bounds[i + 1]))
+    bounds.insert(i + 1, cut)
+    devices.insert(i + 1 if rng.random() < 0.5 else i, new)
+
+
+def neighbours(plan: Plan, devices: Sequence[str], n_blocks: int) -> list[Plan]:
+    """Every plan one ``mutate`` move away from ``plan`` (cut shifts of 1 and 2 blocks), in a
+    fixed order: shifts, merges, device swaps, replacements by an unused device, splits."""
+    bounds = [0, *plan.cuts, n_blocks]
+    used = list(plan.devices)
+    unused = [d for d in devices if d not in used]
+    out: list[Plan] = []
+
+    def add(devs: Sequence[str], cuts: Sequence[int]) -> None:
+        out.append(Plan.from_cuts(list(devs), list(cuts), n_blocks))
+
+    for i in range(1, len(bounds) - 1):
+        for step in (-2, -1, 1, 2):
+            if bounds[i - 1] < bounds[i] + step < bounds[i + 1]:
+                add(used, [*bounds[1:i], bounds[i] + step, *bounds[i + 1 : -1]])
+    for i in range(1, len(used)):
+        cuts = bounds[1:i] + bounds[i + 1 : -1]
+        add(used[:i] + used[i + 1 :], cuts)
+        add(used[: i - 1] + used[i:], cuts)
+    for i, j in itertools.combinations(range(len(used)), 2):
+        swapped = list(used)
+        swapped[i], swapped[j] = swapped[j], swapped[i]
+        add(swapped, bounds[1:-1])
+    for i in range(len(used)):
+        for device in unused:
+            add([*used[:i], device, *used[i + 1 :]], bounds[1:-1])
+    for i in range(len(used)):
+        for cut in range(bounds[i] + 1, bounds[i + 1]):
+            cuts = sorted([*bounds[1:-1], cut])
+            for device in unused:
+                add([*used[: i + 1], device, *used[i + 1 :]], cuts)
+                add([*used[:i], device, *used[i:]], cuts)
+    return list(dict.fromkeys(out))
+
+
+def polish(evaluator: PlanEvaluator, encoding: SplitEncoding, limit: int) -> None:
+    """Pareto local search: evaluate the neighbours of each front plan until none improves the
+    front or ``limit`` evaluations have been made in total (Paquete et al., 2004).
+
+    Evolutionary search finds the shape of the front; a point one rare move away from a front
+    plan (a one-block stage handed to a third device, say) is found far more cheaply by
+    enumerating the neighbourhood than by waiting for a mutation to hit it.
+    """
+    done: set[Plan] = set()
+    while evaluator.evaluations < limit:
+        todo = [e.plan for e in evaluator.front() if e.plan not in done]
+        if not todo:
+            return
+        for plan in todo:
+            done.add(plan)
+            for neighbour in neighbours(plan, encoding.devices, encoding.n_blocks):
+                if evaluator.evaluations >= limit:
+                    return
+                evaluator(neighbour)
 
 
 def two_point_crossover(a: IntVector, b: IntVector, rng: np.random.Generator) -> IntVector:
@@ -206,6 +286,10 @@ class PlanEvaluator:
             self._on_evaluate(evaluation)
         return evaluation
 
+    def seen(self, plan: Plan) -> bool:
+        """Whether ``plan`` has been evaluated already."""
+        return plan in self._cache
+
     def evaluated(self) -> list[Evaluation]:
         return list(self._cache.values())
 
@@ -226,8 +310,10 @@ def seed_plans(model: CostModel, *, limit: int | None = None) -> list[Plan]:
        ``tau`` runs over a geometric grid from the largest single block to the fastest
        single-device time. Small ``tau`` gives balanced many-stage pipelines (the
        high-throughput end), large ``tau`` short ones in between;
-    3. the two-stage plans from the source to every other device at every cut (offloading, the
-       plans the ParetoPipe paper sweeps), which matter when links are slow.
+    3. the two-stage plans at every cut between any two of the three fastest devices (a fast
+       device hands the tail, or the head, to the next fastest), then from the source to every
+       other device (offloading, the plans the ParetoPipe paper sweeps, which matter when links
+       are slow).
     """
     devices = list(model.devices)
     n = model.n_blocks
@@ -239,8 +325,10 @@ def seed_plans(model: CostModel, *, limit: int | None = None) -> list[Plan]:
         for order in orders:
             plans.append(_fill(order, times, tau, n))
     source = model.testbed.source if model.testbed.source in devices else ranked[0]
-    for cut in range(1, n):
-        plans += [Plan.from_cuts([source, d], [cut], n) for d in ranked if d != source]
+    pairs = [(a, b) for a in ranked[:3] for b in ranked[:3] if a != b]
+    pairs += [(source, d) for d in ranked if d != source and (source, d) not in pairs]
+    for a, b in pairs:
+        plans += [Plan.from_cuts([a, b], [cut], n) for cut in range(1, n)]
     unique = _unique(plans)
     return unique if limit is None else unique[:limit]
 

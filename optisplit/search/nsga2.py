@@ -12,7 +12,8 @@ mutation, a repair and rank-and-crowding survival. Ours are:
   elimination compares plans, not vectors;
 - **constraints**: ``G = violation`` (relative memory excess), NSGA-II's constraint domination.
 
-Objectives are ``F = (latency_ms, -throughput_rps)``. Each distinct plan is evaluated once (a
+Objectives are ``F = (latency_ms, -throughput_rps)``. After NSGA-II, a Pareto local search
+(``encoding.polish``) evaluates the neighbours of the front's plans. Each distinct plan is evaluated once (a
 cache by plan); the result's front is the Pareto front of every plan evaluated, not only of the
 last population.
 """
@@ -28,7 +29,14 @@ import numpy as np
 
 from optisplit.errors import SearchError
 from optisplit.search.base import Engine, SearchResult
-from optisplit.search.encoding import PlanEvaluator, SplitEncoding, mutate, seed_plans, violation
+from optisplit.search.encoding import (
+    PlanEvaluator,
+    SplitEncoding,
+    mutate,
+    polish,
+    seed_plans,
+    violation,
+)
 
 if TYPE_CHECKING:
     from optisplit.cost import CostModel, Evaluation
@@ -39,21 +47,31 @@ log = logging.getLogger(__name__)
 
 
 class NSGA2Engine(Engine):
-    """pymoo NSGA-II; ``budget`` caps the candidate plans proposed (default ``DEFAULT_BUDGET``).
+    """pymoo NSGA-II, then a Pareto local search; ``budget`` is NSGA-II's candidate count.
+
+    NSGA-II proposes ``budget`` candidates (repeats come from the cache); ``encoding.polish``
+    then evaluates at most ``polish_ratio * budget`` neighbours of the front's plans (cost-model
+    evaluations are cheap next to a generation of NSGA-II).
 
     Args:
         population: population size (default 100).
         crossover_prob: probability that a pair of parents is crossed (default 0.9).
+        polish_ratio: the local search's allowance, as a multiple of ``budget`` (default 1.0).
     """
 
     name: ClassVar[str] = "nsga2"
-    DEFAULT_BUDGET: ClassVar[int] = 6000
+    DEFAULT_BUDGET: ClassVar[int] = 4000
 
-    def __init__(self, *, population: int = 100, crossover_prob: float = 0.9) -> None:
+    def __init__(
+        self, *, population: int = 100, crossover_prob: float = 0.9, polish_ratio: float = 1.0
+    ) -> None:
         if population < 4:
             raise SearchError(f"population must be at least 4, got {population}")
+        if polish_ratio < 0:
+            raise SearchError(f"polish_ratio must be >= 0, got {polish_ratio}")
         self.population = population
         self.crossover_prob = crossover_prob
+        self.polish_ratio = polish_ratio
 
     def run(
         self,
@@ -83,6 +101,7 @@ class NSGA2Engine(Engine):
         )
         termination = _termination(max(budget, len(initial)), encoding.size(), evaluator)
         minimize(problem, algorithm, termination, seed=seed, verbose=False)
+        polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
         return SearchResult(
             engine=self.name,
             front=evaluator.front(),

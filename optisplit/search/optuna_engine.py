@@ -18,7 +18,8 @@ Samplers:
 - ``nsga2-stock``: ``NSGAIISampler`` with its default operators, for comparison.
 - ``tpe``: ``TPESampler`` (multi-objective TPE; slower per trial as the study grows).
 
-The search runs on an in-memory study (fast); the caller records the evaluated plans in the
+After the study, a Pareto local search (``encoding.polish``) evaluates the neighbours of the
+front's plans. The search runs on an in-memory study (fast); the caller records the evaluated plans in the
 study storage in bulk (``optisplit.store.record_evaluations``).
 """
 
@@ -38,6 +39,7 @@ from optisplit.search.encoding import (
     PlanEvaluator,
     SplitEncoding,
     mutate,
+    polish,
     seed_plans,
     two_point_crossover,
     violation,
@@ -58,19 +60,29 @@ _CONSTRAINT = "memory"
 
 
 class OptunaEngine(Engine):
-    """Optuna multi-objective search; ``budget`` is the number of trials (default ``DEFAULT_BUDGET``).
+    """Optuna multi-objective search, then a Pareto local search; ``budget`` counts trials.
+
+    The study runs ``budget`` trials (a trial whose plan was seen before is answered from the
+    cache); ``encoding.polish`` then evaluates at most ``polish_ratio * budget`` neighbours of the
+    front's plans (cost-model evaluations are cheap next to an Optuna trial).
 
     Args:
         sampler: one of ``SAMPLERS`` (default ``"nsga2"``).
         population: NSGA-II population size (default 50).
         seed_limit: at most this many seed plans are enqueued (default: a quarter of the budget).
+        polish_ratio: the local search's allowance, as a multiple of ``budget`` (default 1.0).
     """
 
     name: ClassVar[str] = "optuna"
-    DEFAULT_BUDGET: ClassVar[int] = 2000
+    DEFAULT_BUDGET: ClassVar[int] = 1500
 
     def __init__(
-        self, *, sampler: str = "nsga2", population: int = 50, seed_limit: int | None = None
+        self,
+        *,
+        sampler: str = "nsga2",
+        population: int = 50,
+        seed_limit: int | None = None,
+        polish_ratio: float = 1.0,
     ) -> None:
         if sampler not in SAMPLERS:
             raise SearchError(
@@ -81,6 +93,9 @@ class OptunaEngine(Engine):
         self.sampler = sampler
         self.population = population
         self.seed_limit = seed_limit
+        if polish_ratio < 0:
+            raise SearchError(f"polish_ratio must be >= 0, got {polish_ratio}")
+        self.polish_ratio = polish_ratio
 
     def run(
         self,
@@ -98,20 +113,14 @@ class OptunaEngine(Engine):
         encoding = SplitEncoding(model.n_blocks, model.devices)
         evaluator = PlanEvaluator(model, on_evaluate)
         study = optuna.create_study(
-            directions=["minimize", "maximize"], sampler=self._sampler(encoding, seed)
+            directions=["minimize", "maximize"],
+            sampler=self._sampler(encoding, evaluator, seed),
         )
         limit = self.seed_limit if self.seed_limit is not None else max(1, budget // 4)
-        for plan in seed_plans(model, limit=limit)[:budget]:
+        for plan in seed_plans(model, limit=limit):
             study.enqueue_trial(encoding.params(plan))
-        space = encoding.size()
-
-        def stop_when_exhausted(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if evaluator.evaluations >= space:
-                study.stop()
-
-        study.optimize(
-            _objective(encoding, evaluator), n_trials=budget, callbacks=[stop_when_exhausted]
-        )
+        study.optimize(_objective(encoding, evaluator), n_trials=budget)
+        polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
         return SearchResult(
             engine=self.name,
             front=evaluator.front(),
@@ -119,7 +128,9 @@ class OptunaEngine(Engine):
             seconds=time.perf_counter() - started,
         )
 
-    def _sampler(self, encoding: SplitEncoding, seed: int) -> optuna.samplers.BaseSampler:
+    def _sampler(
+        self, encoding: SplitEncoding, evaluator: PlanEvaluator, seed: int
+    ) -> optuna.samplers.BaseSampler:
         import optuna
 
         if self.sampler == "tpe":
@@ -131,23 +142,37 @@ class OptunaEngine(Engine):
             return optuna.samplers.NSGAIISampler(
                 population_size=self.population,
                 seed=seed,
-                child_generation_strategy=_PlanChildren(encoding, seed),
+                child_generation_strategy=_PlanChildren(encoding, evaluator, seed),
             )
 
 
 class _PlanChildren:
-    """NSGA-II offspring for Optuna from the plan operators of ``encoding``."""
+    """NSGA-II offspring for Optuna from the plan operators of ``encoding``.
 
-    def __init__(self, encoding: SplitEncoding, seed: int, crossover_prob: float = 0.9) -> None:
+    A child whose plan was evaluated before is mutated again (a few times at most), so that
+    trials are spent on new plans rather than on cache hits.
+    """
+
+    RETRIES: ClassVar[int] = 8
+
+    def __init__(
+        self,
+        encoding: SplitEncoding,
+        evaluator: PlanEvaluator,
+        seed: int,
+        crossover_prob: float = 0.9,
+    ) -> None:
         self.encoding = encoding
+        self.evaluator = evaluator
         self.names = encoding.param_names()
         self.crossover_prob = crossover_prob
         self.rng = np.random.default_rng(seed)
+        self._parents: tuple[list[Any], list[Any]] = ([], [])
 
     def __call__(
         self, study: Any, search_space: dict[str, Any], parents: list[optuna.trial.FrozenTrial]
     ) -> dict[str, Any]:
-        usable = [p for p in parents if all(n in p.params for n in self.names)]
+        usable = self._usable(parents)
         if not usable:
             return {}
         first = self._vector(self._tournament(usable))
@@ -156,10 +181,19 @@ class _PlanChildren:
             child = two_point_crossover(first, second, self.rng)
         else:
             child = first
-        for _ in range(1 + int(self.rng.random() < 0.3)):
-            mutate(child, self.encoding, self.rng)
+        for _ in range(self.RETRIES):
+            for _ in range(1 + int(self.rng.random() < 0.3)):
+                mutate(child, self.encoding, self.rng)
+            if not self.evaluator.seen(self.encoding.decode(child)):
+                break
         canonical = self.encoding.canonical(child)
         return {n: int(v) for n, v in zip(self.names, canonical) if n in search_space}
+
+    def _usable(self, parents: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+        if self._parents[0] is not parents:
+            names = self.names
+            self._parents = (parents, [p for p in parents if all(n in p.params for n in names)])
+        return self._parents[1]
 
     def _vector(self, trial: optuna.trial.FrozenTrial) -> np.ndarray:
         return np.array([int(trial.params[n]) for n in self.names], dtype=int)
@@ -194,9 +228,13 @@ def _objective(
     names = encoding.param_names()
     bounds = list(zip(encoding.lower.tolist(), encoding.upper.tolist()))
 
+    space = encoding.size()
+
     def objective(trial: Any) -> tuple[float, float]:
         x = [trial.suggest_int(n, lo, hi) for n, (lo, hi) in zip(names, bounds)]
         evaluation = evaluator(encoding.decode(x))
+        if evaluator.evaluations >= space:
+            trial.study.stop()  # every plan has been evaluated
         trial.set_constraint(_CONSTRAINT, violation(evaluator.model, evaluation))
         return float(evaluation.latency_ms), float(evaluation.throughput_rps)
 
