@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# This folder holds profile.py, which would shadow the standard library's profile module.
+sys.path[0] = str(ROOT)
 
 PAPER = ["alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "inception_v3"]
 RESULTS = ROOT / "bench" / "results" / "chain.json"

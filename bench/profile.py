@@ -22,6 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "inception_v3"]
 RESULTS = ROOT / "bench" / "results" / "profile.json"
+# This file's folder comes first on sys.path; keep it from shadowing the stdlib profile module.
+sys.path[0] = str(ROOT)
 
 
 def profile_once(model: str, clock: str, out: Path) -> tuple[dict[str, Any], float]:
