@@ -184,10 +184,6 @@ class _Solver:
 
     # ----- tables ---------------------------------------------------------------------------
 
-    def _copy(self, nbytes: np.ndarray) -> np.ndarray:
-        gbps = self.model.overheads.copy_gbps
-        return nbytes * 8 / (gbps * 1e6) if gbps > 0 else np.zeros_like(nbytes)
-
     def _attributed(self, d: int) -> list[tuple[str, float]]:
         """``(kind, mbps)`` of the link directions settled with device ``d``'s stage."""
         return [
@@ -197,22 +193,25 @@ class _Solver:
         ]
 
     def _stage_matrix(self, d: int) -> np.ndarray:
-        """``Q[a, b]``: settled busy time of a stage on ``d`` over blocks ``a..b-1``; inf if invalid."""
-        B, cb, s, t = self.B, self.cb, self.s, self.t
+        """``Q[a, b]``: settled busy time of a stage on ``d`` over blocks ``a..b-1``; inf if invalid.
+
+        Device busy times and memory come from the cost model itself (``stage_busy``,
+        ``memory``), so the DP cannot drift from ``CostModel.evaluate``.
+        """
+        B, model = self.B, self.model
         name = self.devices[d]
-        prefix = np.array(self.model.compute_prefix(name), dtype=_F)
-        copy = self._copy(cb)
-        limit = self.model.testbed.devices[name].memory_bytes
+        limit = model.testbed.devices[name].memory_bytes
         attributed = self._attributed(d)
         q = np.full((B + 1, B + 1), np.inf)
         ends = np.arange(B + 1)
         for a in range(B):
             b = ends[a + 1 :]
-            busy = prefix[b] - prefix[a]
-            busy = busy + (0.0 if (a == 0 and d == s) else copy[a])
-            busy = busy + np.where((b == B) & (d == t), 0.0, copy[b])
-            busy = busy + (copy[0] if (d == s and a > 0) else 0.0)
-            busy = busy + np.where((d == t) & (b < B), copy[B], 0.0)
+            busy = np.array(
+                [
+                    model.stage_busy(name, a, e, first=a == 0, last=e == B)
+                    for e in range(a + 1, B + 1)
+                ]
+            )
             for kind, mbps in attributed:
                 busy = np.maximum(busy, self._attributed_load(kind, mbps, a, b))
             if limit is not None:
@@ -231,15 +230,10 @@ class _Solver:
 
     def _memory_matrix(self) -> np.ndarray:
         """``M[a, b]``: memory of a stage over blocks ``a..b-1`` (``CostModel.memory``)."""
-        model, B = self.model, self.B
-        params = np.array(model.param_prefix, dtype=np.int64)
-        peak_of = np.array(model.block_mem_bytes, dtype=np.int64)
-        cut = np.array(model.cut_bytes, dtype=np.int64)
+        B = self.B
         memory = np.zeros((B + 1, B + 1), dtype=np.int64)
         for a in range(B):
-            peak = np.maximum.accumulate(peak_of[a:])
-            buffers = model.overheads.buffers * (cut[a] + cut[a + 1 :])
-            memory[a, a + 1 :] = params[a + 1 :] - params[a] + peak + buffers
+            memory[a, a + 1 :] = [self.model.memory(a, b) for b in range(a + 1, B + 1)]
         return memory
 
     def _transfer_tables(self) -> None:
