@@ -406,9 +406,9 @@ class _Solver:
             opened = rows[:, 4:] + self.t_open[d, self.t, B]
             bottleneck = np.maximum(settled, opened.max(axis=1))
         k = bin(mask).count("1")
-        depth = 2 * k if self.model.depth is None else self.model.depth
-        cycle = bottleneck if depth <= 0 else np.maximum(bottleneck, latency / depth)
-        return np.column_stack([latency, 1000.0 / cycle, rows[:, 3]])
+        rate = self.model.throughput_rps
+        throughput = [rate(float(x), float(y), k) for x, y in zip(latency, bottleneck)]
+        return np.column_stack([latency, np.array(throughput, dtype=_F), rows[:, 3]])
 
     def _plan(self, store: _Store, gid: int) -> Plan:
         stages = []
