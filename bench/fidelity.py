@@ -18,6 +18,7 @@ values, per-stage compute and per-hop times included, for diagnosis).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -30,7 +31,7 @@ sys.path[0] = str(ROOT)  # not bench/: its scripts would shadow modules (profile
 
 from optisplit import emulate  # noqa: E402
 from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
-from optisplit.cost import load_cost_model  # noqa: E402
+from optisplit.cost import Overheads, load_cost_model  # noqa: E402
 from optisplit.profile import profile_path  # noqa: E402
 from optisplit.search import get_engine  # noqa: E402
 from optisplit.testbed import Testbed, apply_condition, load_testbed  # noqa: E402
@@ -71,10 +72,61 @@ def _profile(bed: Testbed, model: str, root: str, clock: str, reprofile: bool) -
         subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
+PROBE_MODEL = "mobilenet_v3_small"
+
+
+def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Overheads:
+    """Measure the runtime's per-message costs with a probe model that is not under test.
+
+    Deploys ``source[0:c] -> other[c:B]`` of a small model and reads the median hop times:
+    ``handoff_ms`` is the mean of the two local hand-offs (client -> first stage at the source,
+    last stage -> client at the sink); ``message_ms`` is the median, over the cross-device hops,
+    of hop time - one-way delay - wire time - copy time (``Overheads`` defaults for the copy).
+    """
+    from optisplit.chain import load_chain
+
+    chain = load_chain(PROBE_MODEL)
+    other = next(d for d in bed.devices if d != bed.source)
+    cut = chain.n_blocks // 2
+    plan = f"{bed.source}[0:{cut}] -> {other}[{cut}:{chain.n_blocks}]"
+    results = validate_plans(
+        PROBE_MODEL,
+        bed,
+        [plan],
+        backend=backend,
+        requests=args.requests,
+        warmup=args.warmup,
+        profiles_root=args.profiles,
+        out_dir=RESULTS / "fidelity" / f"probe-{bed.name}-{backend}",
+    )
+    measured = results[0]["measured"]
+    if not measured:
+        raise SystemExit(f"probe of {bed.name} ({backend}) failed: {results[0]['error']}")
+    hops = measured["transfers"]
+    handoff = (hops[0]["ms"] + hops[-1]["ms"]) / 2
+    sizes = {(bed.source, other): chain.cuts[cut - 1].bytes, (other, bed.sink): chain.output_bytes}
+    base = Overheads()
+    residuals = []
+    for hop in hops[1:-1]:
+        nbytes = sizes.get((hop["src"], hop["dst"]))
+        if nbytes is None or hop["src"] == hop["dst"]:
+            continue
+        link = bed.route(hop["src"], hop["dst"])
+        wire = sum(h.rtt_ms / 2 for h in link) + nbytes * 8 / (min(h.mbps for h in link) * 1e3)
+        residuals.append(hop["ms"] - wire - base.copy_ms(nbytes))
+    message = sorted(residuals)[len(residuals) // 2] if residuals else base.message_ms
+    return Overheads(message_ms=max(message, 0.0), handoff_ms=handoff)
+
+
 def _case(
-    bed: Testbed, condition: str, model: str, backend: str, args: argparse.Namespace
+    bed: Testbed,
+    condition: str,
+    model: str,
+    backend: str,
+    overheads: Overheads,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
-    cost = load_cost_model(model, bed, profiles_root=args.profiles)
+    cost = load_cost_model(model, bed, profiles_root=args.profiles, overheads=overheads)
     front = get_engine("exact")().run(cost).front
     start = time.monotonic()
     results = validate_plans(
@@ -87,12 +139,18 @@ def _case(
         profiles_root=args.profiles,
         out_dir=RESULTS / "fidelity" / f"{bed.name}-{condition}-{model}-{backend}",
     )
+    for result, evaluation in zip(results, front):  # predictions with the probed overheads
+        result["predicted"] = {
+            "latency_ms": evaluation.latency_ms,
+            "throughput_rps": evaluation.throughput_rps,
+        }
     comparison = compare_plans(plans_from_results(results), backend=backend)
     return {
         "testbed": bed.name,
         "condition": condition,
         "model": model,
         "backend": backend,
+        "overheads": dataclasses.asdict(overheads),
         "plans": len(front),
         "failed": len(comparison.failed),
         "latency_mape": comparison.latency_mape,
@@ -141,28 +199,43 @@ def main() -> int:
             emulate.up(apply_condition(base, "lan"), check=not args.skip_checks)
             for model in models:
                 _profile(base, model, args.profiles, args.clock, args.reprofile)
+            backends = args.backends.split(",")
+            overheads = {
+                b: probe_overheads(apply_condition(base, "lan"), b, args) for b in backends
+            }
+            for backend, value in overheads.items():
+                print(f"{name} {backend}: {value}")
             for condition in args.conditions.split(","):
                 bed = apply_condition(base, condition)
                 emulate.up(bed, check=not args.skip_checks)
                 for model in models:
-                    for backend in args.backends.split(","):
-                        rows.append(_case(bed, condition, model, backend, args))
+                    for backend in backends:
+                        rows.append(
+                            _case(bed, condition, model, backend, overheads[backend], args)
+                        )
                         _print(rows[-1:])
         finally:
             if not was_up:
                 emulate.down(base.name)
     print()
     _print(rows)
+    seconds = _write(args, rows, started)
+    print(f"\nwrote {args.out} in {seconds} s")
+    return 0
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], started: float) -> float:
+    seconds = round(time.monotonic() - started, 1)
     summary = {
         "requests": args.requests,
         "warmup": args.warmup,
-        "seconds": round(time.monotonic() - started, 1),
+        "clock": args.clock,
+        "seconds": seconds,
         "cases": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    print(f"\nwrote {args.out} in {summary['seconds']} s")
-    return 0
+    return seconds
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   calls, wake-ups); ``copy(n) = n * 8 / (copy_gbps * 1e6)`` ms is the serialisation cost of
   moving ``n`` bytes between tensors and socket buffers (see ``Overheads``).
 * ``latency_ms = transfer(b(0), s -> d_1) + Σ_i compute_i
-  + Σ_{i<k} transfer(b(c_i), d_i -> d_{i+1}) + transfer(b(B), d_k -> t)``.
+  + Σ_{i<k} transfer(b(c_i), d_i -> d_{i+1}) + transfer(b(B), d_k -> t) + 2 * handoff_ms``
+  (``handoff_ms``: the client's local hand-off of the input at ``s`` and of the output at ``t``).
 * Busy time per request of each **device**: its compute, plus ``copy(n)`` for every transfer it
   sends or receives (the source also sends the input, the sink also receives the output, even
   when they run no stage). Busy time of each **link direction** ``u -> v``: the sum, over the
@@ -80,12 +81,17 @@ class Overheads:
         buffers: activations a stage holds per direction (bounded queues of the runtime).
         whole_model: spread each profile's whole-model time over its blocks in proportion to
             the block medians (see the module docstring); ``False`` sums the medians.
+        handoff_ms: cost of handing the input to the pipeline at the source and taking the
+            output from it at the sink (a local message each, on top of any transfer); added
+            twice to the latency. ``0`` by default; ``bench/fidelity.py`` measures it per runtime
+            backend with a probe.
     """
 
     message_ms: float = 0.05
     copy_gbps: float = 40.0
     buffers: int = 2
     whole_model: bool = True
+    handoff_ms: float = 0.0
 
     def copy_ms(self, nbytes: int) -> float:
         """Serialisation time of ``nbytes`` on one side of a transfer."""
@@ -378,6 +384,7 @@ class CostModel:
         latency = (
             self.transfer_ms(self.cut_bytes[0], source, stages[0].device) if first_move else 0.0
         )
+        latency += 2 * self.overheads.handoff_ms
         costs = []
         for i, stage in enumerate(stages):
             compute = self.compute_ms(stage.device, stage.start, stage.end)

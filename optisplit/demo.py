@@ -231,7 +231,8 @@ def _profile(
         log.info("reusing %s", path)
         return
     argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
-    argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats), "--json"]
+    argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats), "--clock", "cpu"]
+    argv += ["--json"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
