@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,7 +138,9 @@ def create_study(
             raise StudyError(f"study {name!r} is not an optisplit study (other directions)")
     else:
         study = optuna.create_study(study_name=name, storage=store, directions=list(DIRECTIONS))
-        study.set_metric_names(list(METRIC_NAMES))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(METRIC_NAMES))
     for key, value in (attrs or {}).items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
