@@ -154,3 +154,16 @@ def test_cpu_clock_profiles_are_divided_by_the_device_quota() -> None:
     assert model.compute_ms("server", 0, 4) == pytest.approx(8.0)  # one thread: at most 1 core
     wall = CostModel(testbed, {"edge": _profile("edge", 20.0), "server": _profile("server", 2.0)})
     assert wall.compute_ms("edge", 0, 4) == pytest.approx(80.0)  # wall clock includes the quota
+
+
+def test_handoffs_add_two_local_messages_to_the_latency() -> None:
+    from optisplit.cost import CostModel, Overheads
+    from optisplit.plan import Plan
+
+    testbed = parse_testbed(TESTBED)
+    profiles = {"edge": _profile("edge", 20.0), "server": _profile("server", 2.0)}
+    plain = CostModel(testbed, profiles).evaluate(Plan.parse("edge[0:4]"))
+    handed = CostModel(testbed, profiles, overheads=Overheads(handoff_ms=1.5)).evaluate(
+        Plan.parse("edge[0:4]")
+    )
+    assert handed.latency_ms == pytest.approx(plain.latency_ms + 3.0)
