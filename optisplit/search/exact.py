@@ -146,6 +146,7 @@ class _Solver:
                 uses.setdefault(hop, []).append((u, v))
                 mbps[hop] = rate
         result: dict[tuple[str, str], _Hop] = {}
+        self.open_pairs: list[list[tuple[int, int]]] = []
         slots = 0
         for hop, pairs in sorted(uses.items()):
             if not self._shared(pairs):
@@ -156,6 +157,7 @@ class _Solver:
                 result[hop] = _Hop("recv", mbps[hop], owner=pairs[0][1])
             else:
                 result[hop] = _Hop("open", mbps[hop], slot=slots)
+                self.open_pairs.append(pairs)
                 slots += 1
         return result
 
@@ -311,6 +313,7 @@ class _Solver:
                 rows = rows[~incumbents.beaten(*self._start_bounds(rows, d))]
                 if rows.shape[0] == 0:
                     continue
+                rows = self._close(rows, mask, d)
                 new = self._extend(rows, d, store)
                 done = new[:, 0] == self.B
                 if done.any():
@@ -371,6 +374,29 @@ class _Solver:
             out[:, 4:] = arr[:, 4:] + self.t_open[p, d, c]
         return out
 
+    def _close(self, rows: np.ndarray, mask: int, d: int) -> np.ndarray:
+        """Fold open link loads that no continuation of ``(mask, d)`` can add to into ``C``.
+
+        After a stage on ``d``, transfers go from ``d`` or an unused device to an unused device
+        or the sink; an open link no such pair is routed through is settled from then on.
+        """
+        if self.m == 0:
+            return rows
+        rest = [v for v in range(self.n) if not mask >> v & 1]
+        senders, receivers = {d, *rest}, {*rest, self.t}
+        closed = [
+            slot
+            for slot, pairs in enumerate(self.open_pairs)
+            if not any(u in senders and v in receivers for u, v in pairs)
+        ]
+        if not closed:
+            return rows
+        cols = [4 + slot for slot in closed]
+        rows = rows.copy()
+        rows[:, 2] = np.maximum(rows[:, 2], rows[:, cols].max(axis=1))
+        rows[:, cols] = 0.0
+        return rows
+
     def _extend(self, rows: np.ndarray, d: int, store: _Store) -> np.ndarray:
         """Every stage on ``d`` from each row's cut to every later cut; non-dominated labels.
 
@@ -378,16 +404,17 @@ class _Solver:
         one ordering of the rows by ``L - P[c]`` is the latency order of every column.
         """
         prefix = self.prefix[d]
-        if self.m == 0:
+        still_open = self.m > 0 and bool(np.any(rows[:, 4:] > 0))
+        if not still_open:
             rows = rows[_same_cut_front(rows)]
         start = rows[:, 0].astype(np.intp)
         rows = rows[np.lexsort((rows[:, 2], rows[:, 1] - prefix[start]))]
         c = rows[:, 0].astype(np.intp)
         settled = np.maximum(rows[:, 2:3], self.stage[d][c])
-        if self.m == 0:
-            src, end = _filter_2d(settled)
-        else:
+        if still_open:
             src, end = _filter_nd(settled, rows[:, 4:])
+        else:
+            src, end = _filter_2d(settled)
         new = np.empty((src.shape[0], 4 + self.m))
         new[:, 0] = end
         new[:, 1] = rows[src, 1] + (prefix[end] - prefix[c[src]])
