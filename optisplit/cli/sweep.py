@@ -42,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--budget", type=positive_int, default=None, help="evaluation budget")
     parser.add_argument("--seed", type=int, default=0, help="search seed (default: 0)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
-    parser.add_argument("--profiles", default="profiles", help="profiles folder")
+    parser.add_argument(
+        "--profiles",
+        default="profiles",
+        help="profiles folder (devices/; testbeds/ too, else ./profiles/testbeds)",
+    )
     parser.add_argument(
         "--validate",
         action="store_true",
@@ -66,12 +70,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     from optisplit.report import plot_fronts
     from optisplit.sweep import front_points, run_sweep
-    from optisplit.testbed import load_testbed
+    from optisplit.testbed import load_testbed, testbed_path
 
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     if not conditions:
         raise UsageError("--conditions needs at least one condition name, e.g. lan,constrained")
-    testbed = load_testbed(args.testbed, root=args.profiles)
+    root = (
+        args.profiles if testbed_path(args.testbed, root=args.profiles).is_file() else "profiles"
+    )
+    testbed = load_testbed(args.testbed, root=root)
     emulated: list[str] = []
     measure = _measure(args, emulated) if args.validate else None
     was_up = _is_up(testbed) if args.validate else True
