@@ -220,7 +220,13 @@ class _Run:
             return
         devices = _devices_needed(testbed, plans)
         remote = {d: testbed.devices[d].address for d in devices}
-        if plans and all(remote.values()):
+        missing = sorted(d for d, a in remote.items() if not a)
+        if plans and any(remote.values()) and missing:
+            raise UsageError(
+                f"testbed {testbed.name} gives worker addresses for some devices only: "
+                f"add one for {', '.join(missing)}, or none to start local workers"
+            )
+        if plans and not missing:
             if token is None:
                 raise UsageError(
                     f"testbed {testbed.name} names worker addresses: pass the workers' token file"

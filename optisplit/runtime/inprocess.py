@@ -22,7 +22,7 @@ from optisplit.runtime.base import (
     StagePlacement,
     StageStats,
 )
-from optisplit.runtime.stage import ResourceSampler, build_stage, run_stage
+from optisplit.runtime.stage import ResourceSampler, build_stages, run_stage
 
 if TYPE_CHECKING:
     import torch
@@ -44,19 +44,24 @@ class InProcessBackend(Backend):
     name: ClassVar[str] = "inprocess"
 
     def __init__(self, *, builder: Builder | None = None, queue_depth: int = 2) -> None:
-        self._builder = builder or (lambda spec, a, b: build_stage(spec, a, b))
+        self._builder = builder
         self._queue_depth = queue_depth
 
     def deploy(self, spec: ModelSpec, stages: Sequence[StagePlacement]) -> InProcessDeployment:
-        modules = []
-        for stage in stages:
-            try:
-                modules.append(self._builder(spec, stage.start, stage.end))
-            except RuntimeFailure:
-                raise
-            except Exception as exc:
-                raise RuntimeFailure(f"stage {stage.device} failed to build: {exc}") from exc
+        if self._builder is None:
+            modules = build_stages(spec, [(s.start, s.end) for s in stages])
+        else:
+            modules = [self._build(spec, s) for s in stages]
         return InProcessDeployment(tuple(stages), modules, self._queue_depth)
+
+    def _build(self, spec: ModelSpec, stage: StagePlacement) -> Any:
+        assert self._builder is not None
+        try:
+            return self._builder(spec, stage.start, stage.end)
+        except RuntimeFailure:
+            raise
+        except Exception as exc:
+            raise RuntimeFailure(f"stage {stage.device} failed to build: {exc}") from exc
 
 
 class _StageThread(threading.Thread):

@@ -15,7 +15,14 @@ from optisplit.runtime.base import ModelSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ResourceSampler", "build_stage", "configure_torch", "file_sha256", "run_stage"]
+__all__ = [
+    "ResourceSampler",
+    "build_stage",
+    "build_stages",
+    "configure_torch",
+    "file_sha256",
+    "run_stage",
+]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -52,10 +59,17 @@ def build_stage(
         RuntimeFailure: the weights file does not match its hash, or the range does not fit.
         ModelError: unknown model or factory.
     """
+    return build_stages(spec, [(start, end)], torch_device=torch_device)[0]
+
+
+def build_stages(
+    spec: ModelSpec, ranges: Sequence[tuple[int, int]], *, torch_device: str = "cpu"
+) -> list[Any]:
+    """The modules of several block ranges, tracing the model once (see ``build_stage``)."""
     import torch
 
-    if start == end:
-        return _Relay()
+    if all(start == end for start, end in ranges):
+        return [_Relay() for _ in ranges]
     if spec.weights is not None:
         _check_weights(spec.weights, spec.weights_sha256)
     from optisplit.chain import load_chain
@@ -68,13 +82,18 @@ def build_stage(
         weights=spec.weights,
         seed=spec.seed,
     )
-    if not 0 <= start < end <= chain.n_blocks:
-        raise RuntimeFailure(
-            f"block range [{start}:{end}] does not fit {spec.model} ({chain.n_blocks} blocks)"
-        )
-    module = chain.stage_module(start, end).eval()
-    del chain
-    return module.to(torch.device(torch_device))
+    modules: list[Any] = []
+    for start, end in ranges:
+        if start == end:
+            modules.append(_Relay())
+            continue
+        if not 0 <= start < end <= chain.n_blocks:
+            raise RuntimeFailure(
+                f"block range [{start}:{end}] does not fit {spec.model} ({chain.n_blocks} blocks)"
+            )
+        module = chain.stage_module(start, end).eval()
+        modules.append(module.to(torch.device(torch_device)))
+    return modules
 
 
 def _check_weights(path: str, expected: str | None) -> None:
