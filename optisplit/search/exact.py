@@ -532,18 +532,28 @@ def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.
     """Per column, rows (in latency order) not dominated in settled busy and open link loads.
 
     The first surviving row of a column is never dominated (dominance is transitive), so it
-    is kept and every row it dominates is dropped; one pass per kept label.
+    is kept and every row it dominates is dropped; one round per kept label, all columns at
+    once.
     """
+    alive = np.isfinite(settled)
+    cols = np.nonzero(alive.any(axis=0))[0]
+    rows = np.nonzero(alive.any(axis=1))[0]
+    alive = alive[np.ix_(rows, cols)]
+    busy, loads = settled[np.ix_(rows, cols)], opened[rows]
     srcs, ends = [], []
-    for end in np.nonzero(np.isfinite(settled).any(axis=0))[0]:
-        column = settled[:, end]
-        alive = np.isfinite(column)
-        while alive.any():
-            first = int(np.argmax(alive))
-            srcs.append(first)
-            ends.append(int(end))
-            alive &= ~((column >= column[first]) & np.all(opened >= opened[first], axis=1))
-    return np.array(srcs, dtype=np.intp), np.array(ends, dtype=np.intp)
+    while cols.shape[0]:
+        first = np.argmax(alive, axis=0)
+        srcs.append(rows[first])
+        ends.append(cols)
+        span = np.arange(cols.shape[0])
+        worse = busy >= busy[first, span][None, :]
+        worse &= np.all(loads[:, None, :] >= loads[first][None, :, :], axis=2)
+        alive &= ~worse
+        live = alive.any(axis=0)
+        cols, alive, busy = cols[live], alive[:, live], busy[:, live]
+    if not srcs:
+        return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.intp)
+    return np.concatenate(srcs).astype(np.intp), np.concatenate(ends).astype(np.intp)
 
 
 def _candidates(table: np.ndarray) -> list[float]:
