@@ -235,3 +235,29 @@ def test_ctrl_c_stops_every_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             on_progress=interrupt,
         )
     assert _worker_children() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "nohost", "--token-file", "TOKEN"], "expected HOST:PORT"),
+        (["--token-file", "missing-token-file"], "cannot read token file"),
+        (["--token-file", "EMPTY"], "is empty"),
+    ],
+)
+def test_worker_usage_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "TOKEN").write_text("t")
+    (tmp_path / "EMPTY").write_text("  \n")
+    out = subprocess.run(
+        [sys.executable, "-m", "optisplit", "worker", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
