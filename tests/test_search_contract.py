@@ -83,13 +83,19 @@ def test_seed_plans_start_with_every_single_device_plan() -> None:
 # ----- the contract every engine meets ------------------------------------------------------
 
 
+@pytest.mark.parametrize("search", [False, True], ids=["default-budget", "budget-below-space"])
 @pytest.mark.parametrize("name", sorted(ENGINES))
-def test_engine_finds_the_brute_force_front_on_small_instances(name: str) -> None:
+def test_engine_finds_the_brute_force_front_on_small_instances(name: str, search: bool) -> None:
     for seed in range(10):
         model = _instance(seed)
         brute = pareto_front([model.evaluate(p) for p in all_plans(model.devices, model.n_blocks)])
         seen: list[Evaluation] = []
-        result = get_engine(name)().run(model, seed=seed, on_evaluate=seen.append)
+        # With the default budget a small space is enumerated; one plan short of the space
+        # forces the evolutionary search and the local search.
+        size = SplitEncoding(model.n_blocks, model.devices).size()
+        budget = max(1, size - 1) if search else None
+        engine = get_engine(name)()
+        result = engine.run(model, budget=budget, seed=seed, on_evaluate=seen.append)
         assert result.engine == name
         assert _keys(result.front) == _keys(brute), f"{name} on instance {seed}"
         for evaluation in result.front:

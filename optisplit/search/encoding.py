@@ -290,6 +290,14 @@ class PlanEvaluator:
         """Whether ``plan`` has been evaluated already."""
         return plan in self._cache
 
+    def exhaust(self, encoding: SplitEncoding) -> None:
+        """Evaluate every plan of the space (for spaces no larger than a search budget)."""
+        n, devices = encoding.n_blocks, encoding.devices
+        for k in range(1, min(n, len(devices)) + 1):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                for order in itertools.permutations(devices, k):
+                    self(Plan.from_cuts(order, cuts, n))
+
     def evaluated(self) -> list[Evaluation]:
         return list(self._cache.values())
 

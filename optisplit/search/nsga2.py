@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 class NSGA2Engine(Engine):
     """pymoo NSGA-II, then a Pareto local search; ``budget`` is NSGA-II's candidate count.
 
-    NSGA-II proposes ``budget`` candidates (repeats come from the cache); ``encoding.polish``
+    When the whole plan space is no larger than ``budget``, every plan is evaluated instead
+    (exhaustive, hence exact, and cheaper than a search). Otherwise NSGA-II proposes ``budget`` candidates (repeats come from the cache); ``encoding.polish``
     then evaluates at most ``polish_ratio * budget`` neighbours of the front's plans (cost-model
     evaluations are cheap next to a generation of NSGA-II).
 
@@ -81,33 +82,44 @@ class NSGA2Engine(Engine):
         seed: int = 0,
         on_evaluate: Callable[[Evaluation], None] | None = None,
     ) -> SearchResult:
-        from pymoo.algorithms.moo.nsga2 import NSGA2
-        from pymoo.operators.crossover.pntx import TwoPointCrossover
-        from pymoo.optimize import minimize
-
         budget = _check_budget(budget, self.DEFAULT_BUDGET)
         started = time.perf_counter()
         encoding = SplitEncoding(model.n_blocks, model.devices)
         evaluator = PlanEvaluator(model, on_evaluate)
-        problem = _problem(encoding, evaluator)
-        initial = _initial_population(encoding, model, self.population, seed)
-        algorithm = NSGA2(
-            pop_size=self.population,
-            sampling=initial,
-            crossover=TwoPointCrossover(prob=self.crossover_prob),
-            mutation=_plan_mutation(encoding),
-            repair=_canonical_repair(encoding),
-            eliminate_duplicates=True,
-        )
-        termination = _termination(max(budget, len(initial)), encoding.size(), evaluator)
-        minimize(problem, algorithm, termination, seed=seed, verbose=False)
-        polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
+        if encoding.size() <= budget:
+            evaluator.exhaust(encoding)  # the whole space is cheaper than a search
+        else:
+            self._evolve(model, encoding, evaluator, budget, seed)
+            polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
         return SearchResult(
             engine=self.name,
             front=evaluator.front(),
             evaluations=evaluator.evaluations,
             seconds=time.perf_counter() - started,
         )
+
+    def _evolve(
+        self,
+        model: CostModel,
+        encoding: SplitEncoding,
+        evaluator: PlanEvaluator,
+        budget: int,
+        seed: int,
+    ) -> None:
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.operators.crossover.pntx import TwoPointCrossover
+        from pymoo.optimize import minimize
+
+        algorithm = NSGA2(
+            pop_size=self.population,
+            sampling=_initial_population(encoding, model, self.population, seed),
+            crossover=TwoPointCrossover(prob=self.crossover_prob),
+            mutation=_plan_mutation(encoding),
+            repair=_canonical_repair(encoding),
+            eliminate_duplicates=True,
+        )
+        termination = _termination(budget, encoding.size(), evaluator)
+        minimize(_problem(encoding, evaluator), algorithm, termination, seed=seed, verbose=False)
 
 
 def _termination(budget: int, space: int, evaluator: PlanEvaluator) -> Any:

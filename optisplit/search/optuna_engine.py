@@ -62,7 +62,8 @@ _CONSTRAINT = "memory"
 class OptunaEngine(Engine):
     """Optuna multi-objective search, then a Pareto local search; ``budget`` counts trials.
 
-    The study runs ``budget`` trials (a trial whose plan was seen before is answered from the
+    When the whole plan space is no larger than ``budget``, every plan is evaluated instead
+    (exhaustive, hence exact, and cheaper than a search). Otherwise the study runs ``budget`` trials (a trial whose plan was seen before is answered from the
     cache); ``encoding.polish`` then evaluates at most ``polish_ratio * budget`` neighbours of the
     front's plans (cost-model evaluations are cheap next to an Optuna trial).
 
@@ -112,6 +113,28 @@ class OptunaEngine(Engine):
         started = time.perf_counter()
         encoding = SplitEncoding(model.n_blocks, model.devices)
         evaluator = PlanEvaluator(model, on_evaluate)
+        if encoding.size() <= budget:
+            evaluator.exhaust(encoding)  # the whole space is cheaper than a search
+        else:
+            self._study(model, encoding, evaluator, budget, seed)
+            polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
+        return SearchResult(
+            engine=self.name,
+            front=evaluator.front(),
+            evaluations=evaluator.evaluations,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _study(
+        self,
+        model: CostModel,
+        encoding: SplitEncoding,
+        evaluator: PlanEvaluator,
+        budget: int,
+        seed: int,
+    ) -> None:
+        import optuna
+
         study = optuna.create_study(
             directions=["minimize", "maximize"],
             sampler=self._sampler(encoding, evaluator, seed),
@@ -120,13 +143,6 @@ class OptunaEngine(Engine):
         for plan in seed_plans(model, limit=limit):
             study.enqueue_trial(encoding.params(plan))
         study.optimize(_objective(encoding, evaluator), n_trials=budget)
-        polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
-        return SearchResult(
-            engine=self.name,
-            front=evaluator.front(),
-            evaluations=evaluator.evaluations,
-            seconds=time.perf_counter() - started,
-        )
 
     def _sampler(
         self, encoding: SplitEncoding, evaluator: PlanEvaluator, seed: int
