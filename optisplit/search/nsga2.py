@@ -50,9 +50,10 @@ class NSGA2Engine(Engine):
     """pymoo NSGA-II, then a Pareto local search; ``budget`` is NSGA-II's candidate count.
 
     When the whole plan space is no larger than ``budget``, every plan is evaluated instead
-    (exhaustive, hence exact, and cheaper than a search). Otherwise NSGA-II proposes ``budget`` candidates (repeats come from the cache); ``encoding.polish``
-    then evaluates at most ``polish_ratio * budget`` neighbours of the front's plans (cost-model
-    evaluations are cheap next to a generation of NSGA-II).
+    (exhaustive, hence exact, and cheaper than a search). Otherwise NSGA-II proposes ``budget``
+    candidates (repeats come from the cache), then ``encoding.polish`` evaluates at most
+    ``polish_ratio * budget`` neighbours of the front's plans (cost-model evaluations are cheap
+    next to a generation of NSGA-II).
 
     Args:
         population: population size (default 100).

@@ -63,9 +63,10 @@ class OptunaEngine(Engine):
     """Optuna multi-objective search, then a Pareto local search; ``budget`` counts trials.
 
     When the whole plan space is no larger than ``budget``, every plan is evaluated instead
-    (exhaustive, hence exact, and cheaper than a search). Otherwise the study runs ``budget`` trials (a trial whose plan was seen before is answered from the
-    cache); ``encoding.polish`` then evaluates at most ``polish_ratio * budget`` neighbours of the
-    front's plans (cost-model evaluations are cheap next to an Optuna trial).
+    (exhaustive, hence exact, and cheaper than a search). Otherwise the study runs ``budget``
+    trials (a trial whose plan was seen before is answered from the cache), then
+    ``encoding.polish`` evaluates at most ``polish_ratio * budget`` neighbours of the front's
+    plans (cost-model evaluations are cheap next to an Optuna trial).
 
     Args:
         sampler: one of ``SAMPLERS`` (default ``"nsga2"``).
