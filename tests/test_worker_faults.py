@@ -18,6 +18,7 @@ import psutil
 import pytest
 from test_runtime_contract import FACTORY, ROOT, reference, tiny_testbed
 
+from optisplit.errors import RuntimeFailure
 from optisplit.runtime import wire
 from optisplit.runtime.base import ModelSpec, StagePlacement
 from optisplit.runtime.measure import measure
@@ -261,3 +262,35 @@ def test_worker_usage_errors_are_one_line(tmp_path: Path, args: list[str], messa
     )
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["socket", "rpc"])
+def test_killed_worker_fails_the_deployment_with_its_name(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optisplit.runtime import backend_class
+    from optisplit.runtime.launcher import LocalWorkers
+
+    monkeypatch.chdir(ROOT)
+    inputs, expected = reference(batch=1)
+    spec = ModelSpec("tiny", module=FACTORY)
+    with LocalWorkers(tiny_testbed(2), ["d0", "d1"]) as workers:
+        stages = [
+            StagePlacement("d0", 0, 3, workers.addresses["d0"]),
+            StagePlacement("d1", 3, 6, workers.addresses["d1"]),
+        ]
+        deployment = backend_class(backend)(workers.token).deploy(spec, stages)
+        measure(deployment, inputs, expected, requests=2, warmup=0, depth=2)
+        os.kill(workers.procs["d1"].pid, signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(RuntimeFailure, match=r"worker d1 .*(died or was killed|closed)"):
+            measure(deployment, inputs, expected, requests=2, warmup=0, depth=2, timeout_s=60)
+        deployment.close()
+        assert time.monotonic() - began < 60
+        assert workers.dead() == ["d1"]
+    assert _worker_children() == [] and not [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "rpc_backend" in " ".join(p.cmdline())
+    ]

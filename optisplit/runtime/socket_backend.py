@@ -87,8 +87,13 @@ class _Control:
         try:
             wire.send_control(self.sock, kind, doc, timeout=timeout)
             return wire.expect(self.sock, reply, timeout=timeout).json()
-        except FrameError as exc:
+        except wire.PeerError as exc:
             raise RuntimeFailure(f"{self.label}: {exc}") from None
+        except FrameError as exc:
+            raise RuntimeFailure(self._lost(exc)) from None
+
+    def _lost(self, exc: Exception) -> str:
+        return f"{self.label}: control connection lost; the worker died or was killed ({exc})"
 
     def diagnose(self) -> str | None:
         """The worker's reported error, or that it went away; None when it looks healthy."""
@@ -98,7 +103,7 @@ class _Control:
                 return None
             frame = wire.recv_frame(self.sock, idle_timeout=1.0, max_tensor_bytes=0, eof_ok=True)
         except (FrameError, OSError, ValueError) as exc:
-            return f"{self.label}: control connection failed ({exc})"
+            return self._lost(exc)
         if frame is None:
             return f"{self.label} closed its control connection (the worker died or was killed)"
         if frame.kind == Kind.ERROR:

@@ -47,6 +47,7 @@ __all__ = [
     "Frame",
     "FrameError",
     "Kind",
+    "PeerError",
     "client_handshake",
     "connect",
     "recv_frame",
@@ -72,6 +73,10 @@ _POLL_S = 0.25
 
 class FrameError(RuntimeFailure):
     """A peer sent something that is not a valid frame, or did not send it in time."""
+
+
+class PeerError(FrameError):
+    """The peer answered with an ERROR frame; the message is its reason."""
 
 
 class Kind(enum.IntEnum):
@@ -428,7 +433,7 @@ def _expect(sock: socket.socket, kind: Kind, timeout: float) -> Frame:
     frame = recv_frame(sock, idle_timeout=timeout, frame_timeout=timeout, max_tensor_bytes=0)
     assert frame is not None
     if frame.kind == Kind.ERROR and kind != Kind.ERROR:
-        raise FrameError(f"peer refused: {frame.json().get('error', '?')}")
+        raise PeerError(str(frame.json().get("error", "unknown error")))
     if frame.kind != kind:
         raise FrameError(f"expected {kind.name}, got {frame.kind.name}")
     if frame.tensors:
