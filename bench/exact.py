@@ -160,12 +160,12 @@ def main() -> None:
         title="exact front, edge8, fine (target <= 60 s)",
     )
     print_table(
-        ["devices", "blocks", "seconds", "front", "evaluations"],
+        ["devices", "switches", "blocks", "seconds", "front", "evaluations"],
         [
-            [r["devices"], r["blocks"], r["seconds"], r["front"], r["evaluations"]]
+            [r["devices"], r["switches"], r["blocks"], r["seconds"], r["front"], r["evaluations"]]
             for r in results["growth"]
         ],
-        title="growth with devices and cuts (synthetic chains, star network)",
+        title="growth with devices and cuts (synthetic chains; 2 switches: shared trunk)",
     )
     out = ROOT / "bench" / "results" / "exact.json"
     out.parent.mkdir(parents=True, exist_ok=True)
