@@ -214,6 +214,7 @@ def main() -> int:
                             _case(bed, condition, model, backend, overheads[backend], args)
                         )
                         _print(rows[-1:])
+                        _write(args, rows, started)  # as it goes: a long run keeps its rows
         finally:
             if not was_up:
                 emulate.down(base.name)
