@@ -65,6 +65,7 @@ __all__ = ["ExactEngine", "exact_front"]
 
 _F = np.float64
 _MAX_DEVICES = 16
+_BANDS = 4
 
 
 class ExactEngine(Engine):
@@ -410,18 +411,35 @@ class _Solver:
         start = rows[:, 0].astype(np.intp)
         rows = rows[np.lexsort((rows[:, 2], rows[:, 1] - prefix[start]))]
         c = rows[:, 0].astype(np.intp)
-        settled = np.maximum(rows[:, 2:3], self.stage[d][c])
-        if still_open:
-            src, end = _filter_nd(settled, rows[:, 4:])
-        else:
-            src, end = _filter_2d(settled)
+        parts = [self._columns(rows, c, d, lo, hi, still_open) for lo, hi in self._bands(c)]
+        src = np.concatenate([p[0] for p in parts])
+        end = np.concatenate([p[1] for p in parts])
+        settled = np.concatenate([p[2] for p in parts])
         new = np.empty((src.shape[0], 4 + self.m))
         new[:, 0] = end
         new[:, 1] = rows[src, 1] + (prefix[end] - prefix[c[src]])
-        new[:, 2] = settled[src, end]
+        new[:, 2] = settled
         new[:, 3] = store.add(rows[src, 3], d, c[src], end)
         new[:, 4:] = rows[src, 4:]
         return new
+
+    def _bands(self, c: np.ndarray) -> list[tuple[int, int]]:
+        """Bands of end cuts; a band needs only the rows that start before its last cut."""
+        lo = int(c.min()) + 1
+        edges = np.unique(np.linspace(lo, self.B + 1, _BANDS + 1).astype(int))
+        return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+
+    def _columns(
+        self, rows: np.ndarray, c: np.ndarray, d: int, lo: int, hi: int, still_open: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Kept ``(row, end cut, settled busy)`` for end cuts ``lo .. hi-1``."""
+        use = np.nonzero(c < hi - 1)[0]
+        settled = np.maximum(rows[use, 2:3], self.stage[d][c[use], lo:hi])
+        if still_open:
+            src, col = _filter_nd(settled, rows[use, 4:])
+        else:
+            src, col = _filter_2d(settled)
+        return use[src], col + lo, settled[src, col]
 
     def _finish(self, rows: np.ndarray, mask: int, d: int) -> np.ndarray:
         """Complete plans: ``[latency, throughput, gid]`` after the output transfer."""
