@@ -65,7 +65,7 @@ __all__ = ["ExactEngine", "exact_front"]
 
 _F = np.float64
 _MAX_DEVICES = 16
-_BANDS = 4
+_BANDS = 8
 
 
 class ExactEngine(Engine):
