@@ -2,7 +2,7 @@
 
 1. Two-stage resnet18 and mobilenet_v2 plans on two local workers (loopback, one core each):
    measured throughput against the bound ``1000 / slowest stage compute_ms``, the compute being
-   the median measured in the same throughput run (and, for reference, in the latency phase).
+   the mean measured in the same throughput run (and, for reference, the latency phase median).
 2. Moving one activation (1x64x56x56 and 8x64x56x56 float32) between two processes on loopback:
    our frames (``wire.send_frame``/``recv_frame``), a plain socket copy (8-byte length +
    ``sendall``, ``recv_into`` a preallocated buffer) and length-prefixed pickle; each is a round
@@ -95,8 +95,9 @@ def run_pipelines(requests: int) -> list[dict[str, Any]]:
 
 def _pipeline_row(model: str, plan: str, backend: str, m: Any) -> dict[str, Any]:
     tput_rows = [r for r in m.rows if r[0] == "throughput"]
+    # the mean, not the median: a stage's rate is set by its mean service time
     compute_tput = [
-        statistics.median((r[3 + 4 * i + 2] - r[3 + 4 * i + 1]) * 1e3 for r in tput_rows)
+        statistics.fmean((r[3 + 4 * i + 2] - r[3 + 4 * i + 1]) * 1e3 for r in tput_rows)
         for i in range(len(m.devices))
     ]
     compute_lat = [s["compute_ms"] for s in m.stages]
