@@ -275,30 +275,46 @@ class Chain:
         module = fx.GraphModule(self.graph_module, graph, f"{self.name}_{start}_{end}")
         return module.eval()
 
-    def verify(self, *, rtol: float = 1e-5) -> Verification:
-        """Run every cut's two halves stitched together and compare with the whole model.
+    def verify(self, *, rtol: float = 1e-5, mode: str = "halves") -> Verification:
+        """Check the chain's stage modules against the whole model.
 
-        A cut passes when ``|split - whole| <= rtol * (|whole| + max|whole|)`` elementwise: the
-        relative tolerance, with values near zero judged against the output's scale.
+        ``mode="halves"`` runs, for every cut, ``stage_module(0, c)`` then
+        ``stage_module(c, B)`` (one forward pass per cut). ``mode="blocks"`` runs the B
+        single-block stage modules one after another (one forward pass in all): every half is
+        node for node the composition of its blocks, so this checks every cut's crossing
+        tensors at once, though it cannot tell which cut fails.
+
+        A comparison passes when ``|split - whole| <= rtol * (|whole| + max|whole|)``
+        elementwise: the relative tolerance, values near zero judged against the output's scale.
+
+        Raises:
+            UsageError: unknown mode.
         """
         import torch
 
-        diffs: list[float] = []
-        failed: list[int] = []
+        if mode not in ("halves", "blocks"):
+            raise UsageError(f"unknown verification mode {mode!r}; choose halves or blocks")
         with torch.no_grad():
             whole = _as_tensor_tuple(self.model(*self.example_inputs), self.name)
             scale = max(float(t.abs().max()) for t in whole)
+            if mode == "blocks":
+                out = self.example_inputs
+                for i in range(self.n_blocks):
+                    out = self.stage_module(i, i + 1)(*out)
+                diff, ok = _compare(out, whole, rtol * scale, rtol)
+                failed = () if ok else tuple(range(1, self.n_blocks))
+                return Verification(ok, diff, failed, ())
+            diffs: list[float] = []
+            failures: list[int] = []
             for cut in range(1, self.n_blocks):
                 head = self.stage_module(0, cut)(*self.example_inputs)
-                out = self.stage_module(cut, self.n_blocks)(*head)
-                diff = max(float((a - b).abs().max()) for a, b in zip(out, whole))
-                ok = all(
-                    torch.allclose(a, b, rtol=rtol, atol=rtol * scale) for a, b in zip(out, whole)
+                diff, ok = _compare(
+                    self.stage_module(cut, self.n_blocks)(*head), whole, rtol * scale, rtol
                 )
                 diffs.append(diff)
                 if not ok:
-                    failed.append(cut)
-        return Verification(not failed, max(diffs, default=0.0), tuple(failed), tuple(diffs))
+                    failures.append(cut)
+        return Verification(not failures, max(diffs, default=0.0), tuple(failures), tuple(diffs))
 
     def describe(self) -> dict[str, Any]:
         """The ``optisplit blocks --json`` object (``verified``/``max_abs_diff`` are null)."""
@@ -314,6 +330,19 @@ class Chain:
             "verified": None,
             "max_abs_diff": None,
         }
+
+
+def _compare(
+    out: Sequence[torch.Tensor], whole: Sequence[torch.Tensor], atol: float, rtol: float
+) -> tuple[float, bool]:
+    """Largest absolute difference, and whether every output is within tolerance."""
+    import torch
+
+    diff = max(float((a - b).abs().max()) for a, b in zip(out, whole))
+    ok = len(out) == len(whole) and all(
+        torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in zip(out, whole)
+    )
+    return diff, ok
 
 
 def _as_tensor_tuple(value: Any, name: str) -> tuple[torch.Tensor, ...]:

@@ -108,6 +108,12 @@ def test_verify_reports_a_broken_cut() -> None:
     result = chain.verify()
     assert not result.ok and result.max_abs_diff > 0
     assert result.failed_cuts == tuple(range(1, chain.n_blocks))
+    assert not chain.verify(mode="blocks").ok
+    chain.model = chain.model.inner  # type: ignore[assignment]
+    fast = chain.verify(mode="blocks")
+    assert fast.ok and fast.max_abs_diff == 0.0 and fast.cut_diffs == ()
+    with pytest.raises(UsageError, match="unknown verification mode 'all'"):
+        chain.verify(mode="all")
 
 
 def test_untraceable_names_the_line() -> None:
