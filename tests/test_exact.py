@@ -31,7 +31,13 @@ def _instance(seed: int) -> CostModel:
         switches=rng.choice([0, 0, 1, 2]),
         sink_elsewhere=rng.random() < 0.3,
     )
-    overheads = rng.choice([Overheads(), Overheads.none(), Overheads(1.0, 0.01, 3)])
+    overheads = rng.choice(
+        [
+            Overheads(),
+            Overheads.none(),
+            Overheads(message_ms=1.0, copy_gbps=0.01, buffers=3, handoff_ms=2.5),
+        ]
+    )
     return random_cost_model(
         rng, testbed, rng.randint(1, 6), overheads=overheads, depth=rng.choice([None, 0, 1, 3])
     )

@@ -356,7 +356,9 @@ class _Solver:
         if prev == 0:
             root = np.zeros((1, 4 + self.m))
             root[0, 3] = -1
-            return self._hand_over(root, self.s, d, first=True)
+            start = self._hand_over(root, self.s, d, first=True)
+            start[:, 1] += 2 * self.model.overheads.handoff_ms  # as CostModel.evaluate adds it
+            return start
         parts = []
         for p in range(self.n):
             arr = labels.get((prev, p)) if prev >> p & 1 else None
