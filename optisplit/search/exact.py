@@ -46,6 +46,7 @@ counts the complete plans whose objectives the DP computed.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,8 +85,9 @@ class ExactEngine(Engine):
         start = time.perf_counter()
         plans, scored = _Solver(model).solve()
         evaluations = []
-        for plan in plans:
+        for plan, latency, throughput in plans:
             evaluation = model.evaluate(plan)
+            _check(evaluation, latency, throughput)
             evaluations.append(evaluation)
             if on_evaluate is not None:
                 on_evaluate(evaluation)
@@ -293,8 +295,8 @@ class _Solver:
 
     # ----- the dynamic program --------------------------------------------------------------
 
-    def solve(self) -> tuple[list[Plan], int]:
-        """Candidate front plans (a superset of the front) and the number of plans scored.
+    def solve(self) -> tuple[list[tuple[Plan, float, float]], int]:
+        """Candidate front plans with their latency and throughput, and the plans scored.
 
         Device sets are visited by size, so single-device and short plans complete first; a
         label whose best possible completion (latency lower bound, throughput upper bound) is
@@ -325,7 +327,11 @@ class _Solver:
         if not finals:
             return [], 0
         table = np.concatenate(finals)
-        return [self._plan(store, int(g)) for g in _candidates(table)], int(table.shape[0])
+        picked = [
+            (self._plan(store, int(table[i, 2])), float(table[i, 0]), float(table[i, 1]))
+            for i in _candidates(table)
+        ]
+        return picked, int(table.shape[0])
 
     def _bounds(self, rows: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
         """Lower bound of the final latency and upper bound of the throughput of each label."""
@@ -576,17 +582,28 @@ def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.
     return np.concatenate(srcs).astype(np.intp), np.concatenate(ends).astype(np.intp)
 
 
-def _candidates(table: np.ndarray) -> list[float]:
-    """Label ids of complete plans on the front of ``table``, ties included.
-
-    Objectives are compared at ``objective_key`` precision, as ``pareto_front`` does.
-    """
+def _candidates(table: np.ndarray) -> list[int]:
+    """Rows of ``table`` on its front (ties included), at ``objective_key`` precision."""
     keys = [(objective_key(float(lat)), -objective_key(float(thr))) for lat, thr, _ in table]
-    chosen: list[float] = []
+    chosen: list[int] = []
     best: tuple[float, float] | None = None
     for i in sorted(range(len(keys)), key=keys.__getitem__):
         key = keys[i]
         if best is None or -key[1] > -best[1] or key == best:
-            chosen.append(float(table[i, 2]))
+            chosen.append(i)
             best = key
     return chosen
+
+
+def _check(evaluation: Evaluation, latency_ms: float, throughput_rps: float) -> None:
+    """The DP's objectives of a plan must be the cost model's, or the front is not exact."""
+    if not (
+        math.isclose(evaluation.latency_ms, latency_ms, rel_tol=1e-9, abs_tol=1e-9)
+        and math.isclose(evaluation.throughput_rps, throughput_rps, rel_tol=1e-9)
+    ):
+        raise SearchError(
+            f"the exact search and the cost model disagree on {evaluation.plan}: latency "
+            f"{latency_ms} vs {evaluation.latency_ms} ms, throughput {throughput_rps} vs "
+            f"{evaluation.throughput_rps}/s (optisplit/search/exact.py must mirror "
+            "CostModel.evaluate)"
+        )
