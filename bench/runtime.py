@@ -129,6 +129,10 @@ def _echo_server(method: str, port_queue: Any, shape: tuple[int, ...], count: in
     from optisplit.runtime import wire
 
     torch.set_num_threads(1)
+    if method == "optisplit":  # as configured in every worker process
+        from optisplit.runtime.stage import tune_allocator
+
+        tune_allocator()
     server = socket.create_server(("127.0.0.1", 0))
     port_queue.put(server.getsockname()[1])
     conn, _ = server.accept()

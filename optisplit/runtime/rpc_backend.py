@@ -215,10 +215,11 @@ class _Driver:
         self.send(Kind.ERROR, body=json.dumps({"error": reason}).encode())
 
     def deploy(self, doc: dict[str, Any]) -> None:
-        import torch
         import torch.distributed.rpc as rpc
 
-        torch.set_num_threads(1)
+        from optisplit.runtime.stage import configure_torch
+
+        configure_torch(1, "cpu")
         _bind_interface(doc["master_addr"])
         rpc.init_rpc(
             ORCHESTRATOR,

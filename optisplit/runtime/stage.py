@@ -22,6 +22,7 @@ __all__ = [
     "configure_torch",
     "file_sha256",
     "run_stage",
+    "tune_allocator",
 ]
 
 
@@ -42,12 +43,32 @@ def configure_torch(threads: int, torch_device: str) -> None:
     """
     import torch
 
+    tune_allocator()
     torch.set_num_threads(threads)
     if torch_device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeFailure("--torch-device cuda, but torch sees no CUDA device")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+
+
+def tune_allocator() -> bool:
+    """Keep freed activation buffers in the heap (glibc), so the next frame's are already mapped.
+
+    Every received frame allocates its tensors; with glibc's defaults a buffer of a few hundred
+    KiB is a fresh ``mmap`` whose pages fault in while the bytes arrive, which costs more than
+    moving them on loopback. A high mmap and trim threshold make those allocations reuse the
+    heap. Returns whether the setting took (False off glibc).
+    """
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(m_mmap_threshold, 256 << 20) and mallopt(m_trim_threshold, 512 << 20))
 
 
 def build_stage(
