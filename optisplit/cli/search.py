@@ -186,9 +186,9 @@ def _run(name: str, model: CostModel, args: argparse.Namespace, study: Any) -> S
     from optisplit.cli._common import progress
 
     engine = _engine(name, args)
-    total = args.budget or getattr(engine, "DEFAULT_BUDGET", None)
     evaluated: list[Evaluation] = []
-    with progress(f"{name} search", total if name != "exact" else None) as bar:
+    # No total: the local search after the evolutionary one adds a variable number of plans.
+    with progress(f"{name} search: plans evaluated", None) as bar:
 
         def on_evaluate(evaluation: Evaluation) -> None:
             evaluated.append(evaluation)
