@@ -288,6 +288,7 @@ def test_killed_worker_fails_the_deployment_with_its_name(
             measure(deployment, inputs, expected, requests=2, warmup=0, depth=2, timeout_s=60)
         deployment.close()
         assert time.monotonic() - began < 60
+        assert workers.procs["d1"].wait(timeout=10) == -signal.SIGKILL
         assert workers.dead() == ["d1"]
     assert _worker_children() == [] and not [
         p

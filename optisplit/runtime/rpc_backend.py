@@ -31,13 +31,11 @@ from optisplit.errors import RuntimeFailure
 from optisplit.runtime import wire
 from optisplit.runtime.base import (
     Backend,
-    Deployment,
     ModelSpec,
     Reply,
     StagePlacement,
-    StageStats,
 )
-from optisplit.runtime.socket_backend import _Control
+from optisplit.runtime.control import RemoteDeployment
 from optisplit.runtime.wire import Kind
 
 if TYPE_CHECKING:
@@ -337,32 +335,23 @@ class RpcBackend(Backend):
         return deployment
 
 
-class RpcDeployment(Deployment):
+class RpcDeployment(RemoteDeployment):
     def __init__(self, backend: RpcBackend, stages: tuple[StagePlacement, ...]) -> None:
-        self.stages = stages
-        self.same_clock = backend.same_clock
-        self._backend = backend
-        self._controls: dict[tuple[str, int], _Control] = {}
+        super().__init__(stages, backend.token, backend.same_clock)
         self._names: dict[tuple[str, int], str] = {}
         self._driver: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
-        self._replies: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._closed = False
 
     def start(self, spec: ModelSpec) -> None:
         for stage in self.stages:
-            if stage.address is None:
-                raise RuntimeFailure(f"stage {stage.device} has no worker address")
-            if stage.address not in self._controls:
-                self._controls[stage.address] = _Control(
-                    stage.address, stage.device, self._backend.token
-                )
-                self._names[stage.address] = f"w{len(self._names) + 1}"
-        master = next(iter(self._controls.values())).sock.getsockname()[0]
+            self.control(stage)
+            self._names.setdefault(stage.address, f"w{len(self._names) + 1}")  # type: ignore[arg-type]
+        master = next(iter(self.controls.values())).sock.getsockname()[0]
         port = _free_port(master)
-        world = len(self._controls) + 1
-        for address, control in self._controls.items():
+        world = len(self.controls) + 1
+        for address, control in self.controls.items():
             name = self._names[address]
             doc = {
                 "master_addr": master,
@@ -411,7 +400,7 @@ class RpcDeployment(Deployment):
             wire.send_control(parent, Kind.DEPLOY, doc)
             wire.expect(parent, Kind.READY, timeout=_RPC_TIMEOUT_S)
         except wire.FrameError as exc:
-            raise RuntimeFailure(self._diagnose() or f"RPC deployment failed: {exc}") from None
+            raise RuntimeFailure(self.diagnose() or f"RPC deployment failed: {exc}") from None
         threading.Thread(target=self._reply_loop, daemon=True).start()
 
     def _reply_loop(self) -> None:
@@ -426,12 +415,12 @@ class RpcDeployment(Deployment):
                 if frame.kind == Kind.CLOSED:
                     return
                 *stamps, sent, received = frame.stamps
-                self._replies.put(
+                self.replies.put(
                     Reply(frame.request_id, tuple(frame.tensors), tuple(stamps), received, sent)
                 )
         except wire.FrameError as exc:
             if not self._stop.is_set():
-                self._replies.put(RuntimeFailure(str(exc)))
+                self.replies.put(RuntimeFailure(str(exc)))
 
     def submit(self, request_id: int, inputs: Sequence[torch.Tensor]) -> float:
         assert self._sock is not None
@@ -439,55 +428,14 @@ class RpcDeployment(Deployment):
         try:
             wire.send_frame(self._sock, Kind.DATA, request_id, inputs, timeout=60.0)
         except wire.FrameError as exc:
-            raise RuntimeFailure(self._diagnose() or f"RPC driver: {exc}") from None
+            raise RuntimeFailure(self.diagnose() or f"RPC driver: {exc}") from None
         return sent
-
-    def receive(self, timeout: float) -> Reply:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                item = self._replies.get(timeout=min(0.5, max(deadline - time.monotonic(), 0.001)))
-            except queue.Empty:
-                problem = self._diagnose()
-                if problem is not None:
-                    raise RuntimeFailure(problem) from None
-                if time.monotonic() >= deadline:
-                    raise RuntimeFailure(f"no reply within {timeout:g} s") from None
-                continue
-            if isinstance(item, RuntimeFailure):
-                time.sleep(0.2)
-                raise RuntimeFailure(self._diagnose() or str(item))
-            return item  # type: ignore[no-any-return]
-
-    def _diagnose(self) -> str | None:
-        for control in self._controls.values():
-            problem = control.diagnose()
-            if problem is not None:
-                return problem
-        return None
-
-    def reset_stats(self) -> None:
-        for control in self._controls.values():
-            control.request(Kind.RESET_STATS, {}, Kind.STATS_REPLY, 30.0)
-
-    def stats(self) -> list[StageStats]:
-        replies = {
-            a: c.request(Kind.STATS, {}, Kind.STATS_REPLY, 30.0) for a, c in self._controls.items()
-        }
-        out = []
-        for stage in self.stages:
-            assert stage.address is not None
-            doc = replies[stage.address]
-            out.append(
-                StageStats(stage.device, float(doc["cpu_percent"]), int(doc["memory_bytes"]))
-            )
-        return out
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        healthy = self._diagnose() is None
+        healthy = self.diagnose() is None
         if self._sock is not None and self._driver is not None:
             if healthy:
                 try:
@@ -500,8 +448,7 @@ class RpcDeployment(Deployment):
 
             stop_process(self._driver)
             self._sock.close()
-        for control in self._controls.values():
-            control.close()
+        self.close_controls()
 
 
 def _free_port(host: str) -> int:

@@ -10,24 +10,16 @@ frames and handshake, :mod:`optisplit.runtime.worker` for the stage side.
 from __future__ import annotations
 
 import logging
-import queue
-import select
 import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from optisplit.errors import RuntimeFailure
 from optisplit.runtime import wire
-from optisplit.runtime.base import (
-    Backend,
-    Deployment,
-    ModelSpec,
-    Reply,
-    StagePlacement,
-    StageStats,
-)
+from optisplit.runtime.base import Backend, ModelSpec, Reply, StagePlacement
+from optisplit.runtime.control import RemoteDeployment
 from optisplit.runtime.wire import FrameError, Kind
 
 if TYPE_CHECKING:
@@ -69,81 +61,18 @@ class SocketBackend(Backend):
         return deployment
 
 
-class _Control:
-    """The control connection to one worker (one per distinct address)."""
-
-    def __init__(self, address: tuple[str, int], device: str, token: bytes) -> None:
-        self.address = address
-        self.device = device
-        self.sock = wire.connect(address, token, "control")
-
-    @property
-    def label(self) -> str:
-        return f"worker {self.device} at {self.address[0]}:{self.address[1]}"
-
-    def request(
-        self, kind: Kind, doc: dict[str, Any], reply: Kind, timeout: float
-    ) -> dict[str, Any]:
-        try:
-            wire.send_control(self.sock, kind, doc, timeout=timeout)
-            return wire.expect(self.sock, reply, timeout=timeout).json()
-        except wire.PeerError as exc:
-            raise RuntimeFailure(f"{self.label}: {exc}") from None
-        except FrameError as exc:
-            raise RuntimeFailure(self._lost(exc)) from None
-
-    def _lost(self, exc: Exception) -> str:
-        return f"{self.label}: control connection lost; the worker died or was killed ({exc})"
-
-    def diagnose(self) -> str | None:
-        """The worker's reported error, or that it went away; None when it looks healthy."""
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if not readable:
-                return None
-            frame = wire.recv_frame(self.sock, idle_timeout=1.0, max_tensor_bytes=0, eof_ok=True)
-        except (FrameError, OSError, ValueError) as exc:
-            return self._lost(exc)
-        if frame is None:
-            return f"{self.label} closed its control connection (the worker died or was killed)"
-        if frame.kind == Kind.ERROR:
-            return f"{self.label}: {frame.json().get('error', 'unknown error')}"
-        return None
-
-    def close(self) -> None:
-        try:
-            wire.send_control(self.sock, Kind.CLOSE, {}, timeout=5.0)
-            wire.expect(self.sock, Kind.CLOSED, timeout=5.0)
-        except (FrameError, OSError):
-            log.debug("%s did not confirm the close", self.label)
-        finally:
-            self.sock.close()
-
-
-class SocketDeployment(Deployment):
+class SocketDeployment(RemoteDeployment):
     def __init__(self, backend: SocketBackend, stages: tuple[StagePlacement, ...]) -> None:
-        self.stages = stages
-        self.same_clock = backend.same_clock
+        super().__init__(stages, backend.token, backend.same_clock)
         self._backend = backend
-        self._controls: dict[tuple[str, int], _Control] = {}
-        self._replies: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._sink_sock: socket.socket | None = None
         self._source: socket.socket | None = None
         self._closed = False
 
-    def _control(self, stage: StagePlacement) -> _Control:
-        if stage.address is None:
-            raise RuntimeFailure(f"stage {stage.device} has no worker address")
-        if stage.address not in self._controls:
-            self._controls[stage.address] = _Control(
-                stage.address, stage.device, self._backend.token
-            )
-        return self._controls[stage.address]
-
     def start(self, spec: ModelSpec) -> None:
-        controls = [self._control(s) for s in self.stages]
+        controls = [self.control(s) for s in self.stages]
         sink_host = controls[-1].sock.getsockname()[0]
         self._listener = socket.create_server((sink_host, 0))
         accepted = threading.Thread(target=self._accept_sink, daemon=True)
@@ -206,10 +135,10 @@ class SocketDeployment(Deployment):
                 reply = Reply(
                     frame.request_id, tuple(frame.tensors), tuple(frame.stamps), received
                 )
-                self._replies.put(reply)
+                self.replies.put(reply)
         except FrameError as exc:
             if not self._stop.is_set():
-                self._replies.put(RuntimeFailure(str(exc)))
+                self.replies.put(RuntimeFailure(str(exc)))
 
     def submit(self, request_id: int, inputs: Sequence[torch.Tensor]) -> float:
         assert self._source is not None
@@ -217,61 +146,15 @@ class SocketDeployment(Deployment):
         try:
             wire.send_frame(self._source, Kind.DATA, request_id, inputs, timeout=60.0)
         except FrameError as exc:
-            raise self._failure(f"sending request {request_id} to stage 1: {exc}") from None
+            raise self.failure(f"sending request {request_id} to stage 1: {exc}") from None
         return sent
-
-    def receive(self, timeout: float) -> Reply:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                item = self._replies.get(timeout=min(0.5, max(deadline - time.monotonic(), 0.001)))
-            except queue.Empty:
-                problem = self._diagnose()
-                if problem is not None:
-                    raise RuntimeFailure(problem) from None
-                if time.monotonic() >= deadline:
-                    raise RuntimeFailure(f"no reply within {timeout:g} s") from None
-                continue
-            if isinstance(item, RuntimeFailure):
-                raise self._failure(str(item))
-            return item  # type: ignore[no-any-return]
-
-    def _diagnose(self) -> str | None:
-        for control in self._controls.values():
-            problem = control.diagnose()
-            if problem is not None:
-                return problem
-        return None
-
-    def _failure(self, symptom: str) -> RuntimeFailure:
-        time.sleep(0.2)  # let the failing worker's report or disconnect arrive
-        cause = self._diagnose()
-        return RuntimeFailure(cause if cause is not None else symptom)
-
-    def reset_stats(self) -> None:
-        for control in self._controls.values():
-            control.request(Kind.RESET_STATS, {}, Kind.STATS_REPLY, 30.0)
-
-    def stats(self) -> list[StageStats]:
-        replies = {
-            a: c.request(Kind.STATS, {}, Kind.STATS_REPLY, 30.0) for a, c in self._controls.items()
-        }
-        out = []
-        for stage in self.stages:
-            assert stage.address is not None
-            doc = replies[stage.address]
-            out.append(
-                StageStats(stage.device, float(doc["cpu_percent"]), int(doc["memory_bytes"]))
-            )
-        return out
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._stop.set()
-        for control in self._controls.values():
-            control.close()
+        self.close_controls()
         for sock in (self._source, self._sink_sock, self._listener):
             if sock is not None:
                 sock.close()
