@@ -78,7 +78,6 @@ class _StageThread(threading.Thread):
         self.module = module
         self.inbox, self.outbox, self.stop = inbox, outbox, stop
         self.cpu_s = 0.0
-        self.compute_ms: list[float] = []
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -97,7 +96,6 @@ class _StageThread(threading.Thread):
             except Exception as exc:
                 self.outbox.put(RuntimeFailure(f"stage {self.placement.device} failed: {exc}"))
                 continue
-            self.compute_ms.append((end - begin) * 1e3)
             stamps = (*stamps, received, begin, end, time.perf_counter())
             self.cpu_s += time.thread_time() - cpu0
             self.outbox.put((request_id, outputs, stamps))

@@ -136,10 +136,6 @@ class LocalWorkers:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._emulate = emulated(testbed)
 
-    @property
-    def same_clock(self) -> bool:
-        return True
-
     def log_path(self, device: str) -> Path:
         return self.log_dir / f"worker-{device}.log"
 

@@ -61,7 +61,6 @@ class _Stage:
         self.on_error = on_error
         self.stop = threading.Event()
         self.upstream: socket.socket | None = None
-        self.compute_ms: list[float] = []
         self._inbox: queue.Queue[Any] = queue.Queue(_QUEUE_DEPTH)
         self._outbox: queue.Queue[Any] = queue.Queue(_QUEUE_DEPTH)
         self._threads = [
@@ -132,7 +131,6 @@ class _Stage:
             if frame is None:
                 return
             outputs, begin, end = run_stage(self.module, frame.tensors, self.torch_device)
-            self.compute_ms.append((end - begin) * 1e3)
             frame.tensors = list(outputs)
             frame.stamps += [begin, end]
             self._put(self._outbox, frame)
@@ -363,13 +361,7 @@ class Worker:
             if frame.kind == Kind.RESET_STATS:
                 session.sampler.reset()
             cpu, memory = session.sampler.read()
-            compute = {
-                i: s.compute_ms[-1] if s.compute_ms else None for i, s in session.stages.items()
-            }
-            session.send(
-                Kind.STATS_REPLY,
-                {"cpu_percent": cpu, "memory_bytes": memory, "compute_ms": compute},
-            )
+            session.send(Kind.STATS_REPLY, {"cpu_percent": cpu, "memory_bytes": memory})
         elif frame.kind == Kind.CLOSE:
             session.close()
             with self._lock:
