@@ -173,9 +173,12 @@ def _split(bounds: list[int], devices: list[str], new: str, rng: np.random.Gener
     devices.insert(i + 1 if rng.random() < 0.5 else i, new)
 
 
-def neighbours(plan: Plan, devices: Sequence[str], n_blocks: int) -> list[Plan]:
+def neighbours(
+    plan: Plan, devices: Sequence[str], n_blocks: int, *, splits: bool = True
+) -> list[Plan]:
     """Every plan one ``mutate`` move away from ``plan`` (cut shifts of 1 and 2 blocks), in a
-    fixed order: shifts, merges, device swaps, replacements by an unused device, splits."""
+    fixed order: shifts, merges, device swaps, replacements by an unused device, then (unless
+    ``splits`` is false) splits, which are most of the neighbourhood (stage x cut x device)."""
     bounds = [0, *plan.cuts, n_blocks]
     used = list(plan.devices)
     unused = [d for d in devices if d not in used]
@@ -199,7 +202,7 @@ def neighbours(plan: Plan, devices: Sequence[str], n_blocks: int) -> list[Plan]:
     for i in range(len(used)):
         for device in unused:
             add([*used[:i], device, *used[i + 1 :]], bounds[1:-1])
-    for i in range(len(used)):
+    for i in range(len(used) if splits else 0):
         for cut in range(bounds[i] + 1, bounds[i + 1]):
             cuts = sorted([*bounds[1:-1], cut])
             for device in unused:
@@ -214,19 +217,24 @@ def polish(evaluator: PlanEvaluator, encoding: SplitEncoding, limit: int) -> Non
 
     Evolutionary search finds the shape of the front; a point one rare move away from a front
     plan (a one-block stage handed to a third device, say) is found far more cheaply by
-    enumerating the neighbourhood than by waiting for a mutation to hit it.
+    enumerating the neighbourhood than by waiting for a mutation to hit it. The small
+    neighbourhoods (no splits) of the whole front come first, so that a tight ``limit`` is not
+    spent on the splits of the first few plans only.
     """
-    done: set[Plan] = set()
-    while evaluator.evaluations < limit:
-        todo = [e.plan for e in evaluator.front() if e.plan not in done]
-        if not todo:
-            return
-        for plan in todo:
-            done.add(plan)
-            for neighbour in neighbours(plan, encoding.devices, encoding.n_blocks):
-                if evaluator.evaluations >= limit:
-                    return
-                evaluator(neighbour)
+    for splits in (False, True):
+        done: set[Plan] = set()
+        while True:
+            todo = [e.plan for e in evaluator.front() if e.plan not in done]
+            if not todo:
+                break
+            for plan in todo:
+                done.add(plan)
+                for neighbour in neighbours(
+                    plan, encoding.devices, encoding.n_blocks, splits=splits
+                ):
+                    if evaluator.evaluations >= limit:
+                        return
+                    evaluator(neighbour)
 
 
 def two_point_crossover(a: IntVector, b: IntVector, rng: np.random.Generator) -> IntVector:
