@@ -62,7 +62,7 @@ class NSGA2Engine(Engine):
     """
 
     name: ClassVar[str] = "nsga2"
-    DEFAULT_BUDGET: ClassVar[int] = 4000
+    DEFAULT_BUDGET: ClassVar[int] = 3000
 
     def __init__(
         self, *, population: int = 100, crossover_prob: float = 0.9, polish_ratio: float = 1.0

@@ -76,7 +76,7 @@ class OptunaEngine(Engine):
     """
 
     name: ClassVar[str] = "optuna"
-    DEFAULT_BUDGET: ClassVar[int] = 1500
+    DEFAULT_BUDGET: ClassVar[int] = 1000
 
     def __init__(
         self,
