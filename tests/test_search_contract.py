@@ -105,7 +105,11 @@ def test_engine_finds_the_brute_force_front_on_small_instances(name: str, search
             assert result.evaluations == len(seen) == len({e.plan for e in seen})
 
 
-@pytest.mark.parametrize("engine", [NSGA2Engine(), OptunaEngine()], ids=["nsga2", "optuna"])
+@pytest.mark.parametrize(
+    "engine",
+    [NSGA2Engine(), OptunaEngine(), OptunaEngine(sampler="nsga2-plan")],
+    ids=["nsga2", "optuna", "optuna-plan-moves"],
+)
 def test_heuristic_engines_reach_the_exact_hypervolume_on_a_larger_chain(engine: object) -> None:
     assert isinstance(engine, (NSGA2Engine, OptunaEngine))
     profile = synthetic_profile(24, seed=3)
@@ -118,7 +122,11 @@ def test_heuristic_engines_reach_the_exact_hypervolume_on_a_larger_chain(engine:
     assert found.evaluations <= 2 * 1500  # the search's budget, then as much local search
 
 
-@pytest.mark.parametrize("engine", [NSGA2Engine(), OptunaEngine()], ids=["nsga2", "optuna"])
+@pytest.mark.parametrize(
+    "engine",
+    [NSGA2Engine(), OptunaEngine(), OptunaEngine(sampler="nsga2-plan")],
+    ids=["nsga2", "optuna", "optuna-plan-moves"],
+)
 def test_same_seed_gives_the_same_front(engine: object) -> None:
     assert isinstance(engine, (NSGA2Engine, OptunaEngine))
     profile = synthetic_profile(16, seed=5)
@@ -152,7 +160,7 @@ def test_budget_must_be_positive(engine: object) -> None:
 
 
 def test_unknown_sampler_lists_the_valid_ones() -> None:
-    with pytest.raises(SearchError, match="nsga2, nsga2-stock, tpe"):
+    with pytest.raises(SearchError, match="nsga2, nsga2-plan, tpe"):
         OptunaEngine(sampler="random")
 
 

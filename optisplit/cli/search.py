@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--sampler",
         default="nsga2",
-        choices=("nsga2", "nsga2-stock", "tpe"),
+        choices=("nsga2", "nsga2-plan", "tpe"),
         help="Optuna sampler of the optuna engine (default: %(default)s)",
     )
     parser.add_argument(
