@@ -26,12 +26,12 @@ residual block of the ResNets and every child of InceptionV3: each cut the Paret
 from __future__ import annotations
 
 import logging
-import operator
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from optisplit import _blocks
 from optisplit.errors import TraceError, UsageError
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ __all__ = [
 
 GRANULARITIES = ("coarse", "fine")
 _log = logging.getLogger(__name__)
-_MIN_ENCODER_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -113,73 +112,6 @@ class Verification:
     """Max abs difference per interior cut 1..B-1."""
 
 
-class _BlockTracer:
-    """Builds the fx tracer whose leaves are the coarse units (or torch's defaults at fine)."""
-
-    @staticmethod
-    def make(model: torch.nn.Module, granularity: str) -> fx.Tracer:
-        from torch import fx
-
-        units = coarse_units(model) if granularity == "coarse" else set()
-
-        class Tracer(fx.Tracer):  # type: ignore[misc]
-            def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-                return module_qualified_name in units or super().is_leaf_module(
-                    m, module_qualified_name
-                )
-
-        return Tracer()
-
-
-def coarse_units(model: torch.nn.Module) -> set[str]:
-    """Qualified names of the modules that are single blocks at coarse granularity."""
-    units: set[str] = set()
-
-    def visit(module: torch.nn.Module, prefix: str, top: bool) -> None:
-        for name, child in module.named_children():
-            qualified = f"{prefix}{name}"
-            if (
-                _is_plain_container(child)
-                or _is_stage_of_blocks(child)
-                or (top and _holds_layer_stack(child))
-            ):
-                visit(child, qualified + ".", top=False)
-            else:
-                units.add(qualified)
-
-    visit(model, "", top=True)
-    return units
-
-
-def _is_plain_container(module: torch.nn.Module) -> bool:
-    import torch
-
-    return type(module) in (torch.nn.Sequential, torch.nn.ModuleList)
-
-
-def _is_stage_of_blocks(module: torch.nn.Module) -> bool:
-    """A ``Sequential`` subclass that only chains blocks (RegNet's ``AnyStage``), unlike
-    ``Conv2dNormActivation``, whose children are single layers."""
-    import torch
-
-    children = list(module.children())
-    return (
-        isinstance(module, torch.nn.Sequential)
-        and type(module).forward is torch.nn.Sequential.forward
-        and bool(children)
-        and all(any(True for _ in c.children()) for c in children)
-    )
-
-
-def _holds_layer_stack(module: torch.nn.Module) -> bool:
-    for child in module.children():
-        if _is_plain_container(child):
-            deep = [c for c in child.children() if any(True for _ in c.children())]
-            if len(deep) >= _MIN_ENCODER_LAYERS:
-                return True
-    return False
-
-
 class Chain:
     """A model traced into blocks ``0..B-1`` and the cuts between them.
 
@@ -211,12 +143,14 @@ class Chain:
         nodes = [n for n in graph_module.graph.nodes]
         self._inputs = [n for n in nodes if n.op == "placeholder"]
         self._output_values = _output_values(nodes[-1], name)
-        self._block_nodes = _group(graph_module, nodes)
-        self._crossing = _crossing_values(self._block_nodes, self._inputs, self._output_values)
+        self._block_nodes = _blocks.group(graph_module, nodes)
+        self._crossing = _blocks.crossing_values(
+            self._block_nodes, self._inputs, self._output_values
+        )
         self.n_blocks = len(self._block_nodes)
-        names = _unique([_block_name(ns) for ns in self._block_nodes])
+        names = _blocks.unique([_blocks.block_name(ns) for ns in self._block_nodes])
         self.blocks = [
-            BlockInfo(i, names[i], _param_bytes(graph_module, ns))
+            BlockInfo(i, names[i], _blocks.param_bytes(graph_module, ns))
             for i, ns in enumerate(self._block_nodes)
         ]
         self.cuts = [
@@ -366,12 +300,6 @@ def _output_values(output: fx.Node, name: str) -> list[fx.Node]:
     raise TraceError(f"{name} returns {type(value).__name__}; only tensors or tuples of tensors")
 
 
-def _is_tensor(node: fx.Node) -> bool:
-    from torch.fx.passes.shape_prop import TensorMetadata
-
-    return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
-
-
 def _tensor_info(node: fx.Node) -> TensorInfo:
     meta = node.meta["tensor_meta"]
     shape = tuple(int(d) for d in meta.shape)
@@ -390,92 +318,6 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def _total(infos: Sequence[TensorInfo]) -> int:
     return sum(t.bytes for t in infos)
-
-
-def _group(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[list[fx.Node]]:
-    """Group compute nodes into blocks: a new block starts at every boundary that is a cut."""
-    compute = [n for n in nodes if n.op in ("call_module", "call_function", "call_method")]
-    if not compute:
-        raise TraceError("the model has no operations to split")
-    position = {n: i for i, n in enumerate(compute)}
-    last_use = {
-        n: max((position.get(u, len(compute)) for u in n.users), default=-1) for n in nodes
-    }
-    blocks: list[list[fx.Node]] = [[compute[0]]]
-    live = {n for n in nodes if n.op == "placeholder" and last_use[n] >= 1}
-    for i, node in enumerate(compute[1:], start=1):
-        prev = compute[i - 1]
-        if last_use[prev] >= i:
-            live.add(prev)
-        live = {n for n in live if last_use[n] >= i}
-        if all(_is_tensor(n) for n in live):
-            blocks.append([node])
-        else:
-            blocks[-1].append(node)
-    return blocks
-
-
-def _crossing_values(
-    blocks: list[list[fx.Node]], inputs: list[fx.Node], outputs: list[fx.Node]
-) -> list[list[fx.Node]]:
-    """For every cut 0..B, the values defined before it and needed after it, in graph order."""
-    n_blocks = len(blocks)
-    block_of: dict[fx.Node, int] = {n: b for b, ns in enumerate(blocks) for n in ns}
-    for node in inputs:
-        block_of[node] = -1
-    needed_until: dict[fx.Node, int] = {}
-    for b, ns in enumerate(blocks):
-        for node in ns:
-            for dep in node.all_input_nodes:
-                if dep in block_of:
-                    needed_until[dep] = max(needed_until.get(dep, -1), b)
-    for node in outputs:
-        needed_until[node] = n_blocks
-    order = [*inputs, *(n for ns in blocks for n in ns)]
-    crossing: list[list[fx.Node]] = [list(inputs)]
-    for cut in range(1, n_blocks):
-        crossing.append([n for n in order if block_of[n] < cut <= needed_until.get(n, -1)])
-    crossing.append(list(outputs))
-    return crossing
-
-
-def _block_name(nodes: list[fx.Node]) -> str:
-    """The first module the block calls; else its first operation, qualified by its scope."""
-    node = next((n for n in nodes if n.op == "call_module"), nodes[0])
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    scope = next(reversed(stack.values()))[0] if stack else ""
-    return f"{scope}.{node.name}" if scope else node.name
-
-
-def _unique(names: list[str]) -> list[str]:
-    """A module called again is named ``name@1``, ``name@2`` (as in fx's module stacks)."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        count = seen.get(name, 0)
-        seen[name] = count + 1
-        out.append(f"{name}@{count}" if count else name)
-    return out
-
-
-def _param_bytes(gm: fx.GraphModule, nodes: list[fx.Node]) -> int:
-    import torch
-
-    seen: dict[int, int] = {}
-    for node in nodes:
-        tensors: list[Any] = []
-        if node.op == "call_module":
-            sub = gm.get_submodule(str(node.target))
-            tensors = [*sub.parameters(), *sub.buffers()]
-        for dep in node.all_input_nodes:
-            if dep.op == "get_attr":
-                tensors.append(operator.attrgetter(str(dep.target))(gm))
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                seen[id(t)] = t.numel() * t.element_size()
-    return sum(seen.values())
 
 
 def trace(
@@ -500,7 +342,7 @@ def trace(
             f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}"
         )
     model.eval()
-    tracer = _BlockTracer.make(model, granularity)
+    tracer = _blocks.BlockTracer.make(model, granularity)
     try:
         graph = tracer.trace(model)
     except Exception as exc:
