@@ -1,11 +1,12 @@
 """Measuring a chain's blocks on this device: time per block, whole-model time, peak block memory.
 
-Method (issue 2): the model is traced in a sandboxed deep copy; one forward pass through the
-per-block stage modules captures every block's real input; then, ``warmup + repeats`` rounds
-each time every block once and the whole (eager) model once, interleaved, so that slow drifts of
-the machine hit blocks and whole model alike. Everything runs under ``torch.inference_mode`` with
-``torch.set_num_threads(threads)`` and the garbage collector paused. A block that writes into its
-inputs in place is given fresh copies before each timed call (copied outside the timed region).
+Method (issue 2): the model is traced in a sandboxed deep copy. Each of ``warmup + repeats``
+rounds runs the single-block stage modules in sequence, each fed the real tensors the previous
+one just produced (the data flow of the whole model, with a clock read between blocks), then
+the whole (eager) model in one piece; interleaving the two keeps slow drifts of the machine from
+biasing one against the other. Everything runs under ``torch.inference_mode`` with
+``torch.set_num_threads(threads)`` and the garbage collector paused; each round starts from a
+fresh copy of the input (copied outside the timed region).
 
 ``mem_bytes`` (peak extra memory of a block) is the peak, over the block's run, of the bytes of
 tensor storages the block itself allocated and still holds alive (its outputs included; its inputs
@@ -203,7 +204,6 @@ def _measure(
     stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
     inputs = _capture_inputs(stages, chain.example_inputs)
     whole = _Timed(chain.model, chain.example_inputs, timer)
-    timed = [_Timed(stage, args, timer) for stage, args in zip(stages, inputs)]
     block_ms: list[list[float]] = [[] for _ in stages]
     whole_ms: list[float] = []
     total = warmup + repeats
@@ -211,12 +211,11 @@ def _measure(
     gc.disable()
     try:
         for round_ in range(total):
-            for i, block in enumerate(timed):
-                ms = block.run()
-                if round_ >= warmup:
-                    block_ms[i].append(ms)
+            times = _run_blocks(stages, chain.example_inputs, timer)
             ms = whole.run()
             if round_ >= warmup:
+                for i, t in enumerate(times):
+                    block_ms[i].append(t)
                 whole_ms.append(ms)
             if on_progress is not None:
                 on_progress(round_ + 1, total)
@@ -224,6 +223,19 @@ def _measure(
         gc.enable()
     mem = [_peak_bytes(stage, args) for stage, args in zip(stages, inputs)]
     return block_ms, whole_ms, mem
+
+
+def _run_blocks(
+    stages: Sequence[torch.nn.Module], first: tuple[torch.Tensor, ...], timer: Callable[[], int]
+) -> list[float]:
+    """One forward pass, block after block, each fed what the previous one just produced."""
+    args = tuple(t.clone() for t in first)
+    times = []
+    for stage in stages:
+        start = timer()
+        args = stage(*args)
+        times.append((timer() - start) / 1e6)
+    return times
 
 
 def _capture_inputs(

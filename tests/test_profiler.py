@@ -56,7 +56,7 @@ def test_cpu_clock_and_fine_granularity() -> None:
     result = profile_chain(chain, device="host", warmup=0, repeats=3, clock="cpu")
     assert result.granularity == "fine" and result.n_blocks == chain.n_blocks
     assert result.provenance["clock"] == "cpu"
-    # The in-place relu writes into its input: it still gets a time (on fresh copies).
+    # In-place relus write into their inputs; every round starts from a fresh input.
     assert all(b.time_ms > 0 for b in result.blocks)
 
 
