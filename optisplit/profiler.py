@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from optisplit.chain import Chain
 
 __all__ = [
+    "DEFAULT_MAX_SECONDS",
     "DEFAULT_REPEATS",
     "DEFAULT_WARMUP",
     "profile_chain",
@@ -45,6 +46,9 @@ __all__ = [
 
 DEFAULT_WARMUP = 2
 DEFAULT_REPEATS = 15
+DEFAULT_MAX_SECONDS = 10.0
+"""Timed rounds stop early once they have taken this long (at least ``MIN_REPEATS`` rounds run)."""
+MIN_REPEATS = 5
 _log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
@@ -65,6 +69,7 @@ def profile_model(
     weights: str | None = None,
     seed: int = 0,
     on_progress: Progress | None = None,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> BlockProfile:
     """Build a zoo (or user) model, trace it and profile it on this host as ``device``.
 
@@ -92,6 +97,7 @@ def profile_model(
         clock=clock,
         on_progress=on_progress,
         sandbox=False,
+        max_seconds=max_seconds,
     )
 
 
@@ -135,6 +141,7 @@ def profile_chain(
     clock: str = "wall",
     on_progress: Progress | None = None,
     sandbox: bool = True,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> BlockProfile:
     """Profile every block of ``chain`` and the whole model on this host as ``device``.
 
@@ -149,6 +156,9 @@ def profile_chain(
             immune to other processes on a shared host, blind to throttling).
         on_progress: called after each round with ``(done, total)``.
         sandbox: trace a deep copy of ``chain.model`` first (set False if the chain is yours).
+        max_seconds: stop the timed rounds once they have taken this long, after at least
+            ``MIN_REPEATS`` (or ``repeats``, if fewer); ``None`` runs every round. Keeps a
+            default profile of a slow model (vgg16) short while fast models get every round.
     """
     import torch
 
@@ -167,10 +177,12 @@ def profile_chain(
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            block_ms, whole_ms, mem = _measure(chain, warmup, repeats, timer, on_progress)
+            block_ms, whole_ms, mem = _measure(
+                chain, warmup, repeats, timer, on_progress, max_seconds
+            )
     finally:
         torch.set_num_threads(previous)
-    settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "clock": clock}
+    settings = {"threads": threads, "warmup": warmup, "repeats": len(whole_ms), "clock": clock}
     return _build_profile(chain, device, settings, block_ms, whole_ms, mem)
 
 
@@ -199,6 +211,7 @@ def _measure(
     repeats: int,
     timer: Callable[[], int],
     on_progress: Progress | None,
+    max_seconds: float | None = None,
 ) -> tuple[list[list[float]], list[float], list[int]]:
     """Interleaved timing rounds; returns per-block times, whole-model times, peak memory."""
     stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
@@ -209,8 +222,14 @@ def _measure(
     total = warmup + repeats
     gc.collect()
     gc.disable()
+    deadline = None
     try:
         for round_ in range(total):
+            if round_ == warmup and max_seconds is not None:
+                deadline = time.monotonic() + max_seconds
+            timed = round_ - warmup
+            if deadline is not None and timed >= MIN_REPEATS and time.monotonic() > deadline:
+                break
             times = _run_blocks(stages, chain.example_inputs, timer)
             ms = whole.run()
             if round_ >= warmup:

@@ -83,3 +83,14 @@ def test_bad_arguments() -> None:
         profile_chain(chain, device="host", repeats=0)
     with pytest.raises(UsageError, match="threads must be at least 1"):
         profile_chain(chain, device="host", threads=0)
+
+
+def test_time_budget_stops_rounds_early_but_keeps_the_minimum() -> None:
+    capped = profile_model(
+        "tiny", module="tests.models:tiny_cnn", device="box", warmup=0, repeats=40, max_seconds=0.0
+    )
+    assert capped.provenance["repeats"] == 5
+    full = profile_model(
+        "tiny", module="tests.models:tiny_cnn", device="box", warmup=0, repeats=7, max_seconds=None
+    )
+    assert full.provenance["repeats"] == 7

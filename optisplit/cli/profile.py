@@ -28,7 +28,12 @@ DEFAULT_ROOT = "profiles"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from optisplit.profiler import DEFAULT_REPEATS, DEFAULT_WARMUP
+    from optisplit.profiler import (
+        DEFAULT_MAX_SECONDS,
+        DEFAULT_REPEATS,
+        DEFAULT_WARMUP,
+        MIN_REPEATS,
+    )
 
     parser = subparsers.add_parser(
         "profile",
@@ -52,6 +57,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--repeats", type=positive_int, default=DEFAULT_REPEATS, help="timed rounds"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help=(
+            f"stop the timed rounds after this many seconds, once {MIN_REPEATS} have run "
+            f"(default: {DEFAULT_MAX_SECONDS:g}; 0: run every round)"
+        ),
     )
     parser.add_argument(
         "--granularity", choices=("coarse", "fine"), default="coarse", help="default: coarse"
@@ -103,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             weights=args.weights,
             seed=args.seed,
             on_progress=lambda done, total: bar.advance(),
+            max_seconds=args.max_seconds if args.max_seconds > 0 else None,
         )
     path = save_profile(result, target)
     if args.json:
@@ -156,6 +171,7 @@ def _inner_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     argv += ["--granularity", args.granularity, "--out", str(Path(args.out).resolve())]
     argv += ["--seed", str(args.seed), "--clock", args.clock]
+    argv += ["--max-seconds", str(args.max_seconds)]
     if args.module:
         argv += ["--module", args.module]
     if args.weights:
