@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -44,11 +45,14 @@ from optisplit.plan import Plan
 
 if TYPE_CHECKING:
     from optisplit.cost import CostModel, Evaluation
+    from optisplit.search.base import SearchResult
 
 __all__ = [
     "PlanEvaluator",
     "SplitEncoding",
+    "check_budget",
     "mutate",
+    "search_then_polish",
     "seed_plans",
     "two_point_crossover",
     "violation",
@@ -375,3 +379,41 @@ def _fill(order: Sequence[str], times: dict[str, list[float]], tau: float, n: in
 
 def _unique(plans: Iterable[Plan]) -> list[Plan]:
     return list(dict.fromkeys(plans))
+
+
+def check_budget(budget: int | None, default: int) -> int:
+    """The evaluation budget: ``default`` when None; SearchError when not positive."""
+    if budget is None:
+        return default
+    if budget <= 0:
+        raise SearchError(f"budget must be a positive number of evaluations, got {budget}")
+    return budget
+
+
+def search_then_polish(
+    engine: str,
+    model: CostModel,
+    budget: int,
+    polish_ratio: float,
+    on_evaluate: Callable[[Evaluation], None] | None,
+    search: Callable[[SplitEncoding, PlanEvaluator], None],
+) -> SearchResult:
+    """The run shared by the heuristic engines: enumerate a space no larger than the budget;
+    otherwise ``search`` (the engine's own loop), then a Pareto local search with
+    ``budget * polish_ratio`` more evaluations."""
+    from optisplit.search.base import SearchResult
+
+    started = time.perf_counter()
+    encoding = SplitEncoding(model.n_blocks, model.devices)
+    evaluator = PlanEvaluator(model, on_evaluate)
+    if encoding.size() <= budget:
+        evaluator.exhaust(encoding)  # the whole space is cheaper than a search
+    else:
+        search(encoding, evaluator)
+        polish(evaluator, encoding, evaluator.evaluations + int(budget * polish_ratio))
+    return SearchResult(
+        engine=engine,
+        front=evaluator.front(),
+        evaluations=evaluator.evaluations,
+        seconds=time.perf_counter() - started,
+    )

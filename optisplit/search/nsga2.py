@@ -21,7 +21,6 @@ last population.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,8 +31,9 @@ from optisplit.search.base import Engine, SearchResult
 from optisplit.search.encoding import (
     PlanEvaluator,
     SplitEncoding,
+    check_budget,
     mutate,
-    polish,
+    search_then_polish,
     seed_plans,
     violation,
 )
@@ -83,20 +83,14 @@ class NSGA2Engine(Engine):
         seed: int = 0,
         on_evaluate: Callable[[Evaluation], None] | None = None,
     ) -> SearchResult:
-        budget = _check_budget(budget, self.DEFAULT_BUDGET)
-        started = time.perf_counter()
-        encoding = SplitEncoding(model.n_blocks, model.devices)
-        evaluator = PlanEvaluator(model, on_evaluate)
-        if encoding.size() <= budget:
-            evaluator.exhaust(encoding)  # the whole space is cheaper than a search
-        else:
-            self._evolve(model, encoding, evaluator, budget, seed)
-            polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
-        return SearchResult(
-            engine=self.name,
-            front=evaluator.front(),
-            evaluations=evaluator.evaluations,
-            seconds=time.perf_counter() - started,
+        budget = check_budget(budget, self.DEFAULT_BUDGET)
+        return search_then_polish(
+            self.name,
+            model,
+            budget,
+            self.polish_ratio,
+            on_evaluate,
+            lambda encoding, evaluator: self._evolve(model, encoding, evaluator, budget, seed),
         )
 
     def _evolve(
@@ -133,14 +127,6 @@ def _termination(budget: int, space: int, evaluator: PlanEvaluator) -> Any:
             return float(max(spent, evaluator.evaluations / space))
 
     return _Stop()
-
-
-def _check_budget(budget: int | None, default: int) -> int:
-    if budget is None:
-        return default
-    if budget <= 0:
-        raise SearchError(f"budget must be a positive number of evaluations, got {budget}")
-    return budget
 
 
 def _initial_population(

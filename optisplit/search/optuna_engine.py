@@ -27,7 +27,6 @@ plans in the study storage in bulk (``optisplit.store.record_evaluations``).
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,13 +38,13 @@ from optisplit.search.base import Engine, SearchResult
 from optisplit.search.encoding import (
     PlanEvaluator,
     SplitEncoding,
+    check_budget,
     mutate,
-    polish,
+    search_then_polish,
     seed_plans,
     two_point_crossover,
     violation,
 )
-from optisplit.search.nsga2 import _check_budget
 
 if TYPE_CHECKING:
     import optuna
@@ -111,20 +110,14 @@ class OptunaEngine(Engine):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        budget = _check_budget(budget, self.DEFAULT_BUDGET)
-        started = time.perf_counter()
-        encoding = SplitEncoding(model.n_blocks, model.devices)
-        evaluator = PlanEvaluator(model, on_evaluate)
-        if encoding.size() <= budget:
-            evaluator.exhaust(encoding)  # the whole space is cheaper than a search
-        else:
-            self._study(model, encoding, evaluator, budget, seed)
-            polish(evaluator, encoding, evaluator.evaluations + int(budget * self.polish_ratio))
-        return SearchResult(
-            engine=self.name,
-            front=evaluator.front(),
-            evaluations=evaluator.evaluations,
-            seconds=time.perf_counter() - started,
+        budget = check_budget(budget, self.DEFAULT_BUDGET)
+        return search_then_polish(
+            self.name,
+            model,
+            budget,
+            self.polish_ratio,
+            on_evaluate,
+            lambda encoding, evaluator: self._study(model, encoding, evaluator, budget, seed),
         )
 
     def _study(
