@@ -8,15 +8,16 @@ fails, it asks every control connection what happened, so a failure names the wo
 
 from __future__ import annotations
 
+import abc
 import logging
 import queue
 import select
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from optisplit.errors import RuntimeFailure
 from optisplit.runtime import wire
-from optisplit.runtime.base import Deployment, Reply, StagePlacement, StageStats
+from optisplit.runtime.base import Deployment, ModelSpec, Reply, StagePlacement, StageStats
 from optisplit.runtime.wire import FrameError, Kind
 
 __all__ = ["RemoteDeployment", "WorkerControl"]
@@ -88,6 +89,10 @@ class RemoteDeployment(Deployment):
         self.controls: dict[tuple[str, int], WorkerControl] = {}
         self.replies: queue.Queue[Any] = queue.Queue()
 
+    @abc.abstractmethod
+    def start(self, spec: ModelSpec) -> None:
+        """Deploy every stage on its worker; may leave connections open if it fails."""
+
     def control(self, stage: StagePlacement) -> WorkerControl:
         """The control connection of ``stage``'s worker, opened on first use."""
         if stage.address is None:
@@ -146,3 +151,16 @@ class RemoteDeployment(Deployment):
     def close_controls(self) -> None:
         for control in self.controls.values():
             control.close()
+
+
+_D = TypeVar("_D", bound=RemoteDeployment)
+
+
+def started(deployment: _D, spec: ModelSpec) -> _D:
+    """Start ``deployment``; close whatever it opened when starting fails (or is interrupted)."""
+    try:
+        deployment.start(spec)
+    except BaseException:
+        deployment.close()
+        raise
+    return deployment

@@ -35,7 +35,7 @@ from optisplit.runtime.base import (
     Reply,
     StagePlacement,
 )
-from optisplit.runtime.control import RemoteDeployment
+from optisplit.runtime.control import RemoteDeployment, started
 from optisplit.runtime.wire import Kind
 
 if TYPE_CHECKING:
@@ -326,13 +326,7 @@ class RpcBackend(Backend):
         self.same_clock = same_clock
 
     def deploy(self, spec: ModelSpec, stages: Sequence[StagePlacement]) -> RpcDeployment:
-        deployment = RpcDeployment(self, tuple(stages))
-        try:
-            deployment.start(spec)
-        except BaseException:
-            deployment.close()
-            raise
-        return deployment
+        return started(RpcDeployment(self, tuple(stages)), spec)
 
 
 class RpcDeployment(RemoteDeployment):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from optisplit.errors import RuntimeFailure
 from optisplit.runtime import wire
 from optisplit.runtime.base import Backend, ModelSpec, Reply, StagePlacement
-from optisplit.runtime.control import RemoteDeployment
+from optisplit.runtime.control import RemoteDeployment, started
 from optisplit.runtime.wire import FrameError, Kind
 
 if TYPE_CHECKING:
@@ -52,13 +52,7 @@ class SocketBackend(Backend):
         self.deploy_timeout_s = deploy_timeout_s
 
     def deploy(self, spec: ModelSpec, stages: Sequence[StagePlacement]) -> SocketDeployment:
-        deployment = SocketDeployment(self, tuple(stages))
-        try:
-            deployment.start(spec)
-        except BaseException:
-            deployment.close()
-            raise
-        return deployment
+        return started(SocketDeployment(self, tuple(stages)), spec)
 
 
 class SocketDeployment(RemoteDeployment):
