@@ -113,6 +113,7 @@ def profile_module(
     repeats: int = DEFAULT_REPEATS,
     clock: str = "wall",
     on_progress: Progress | None = None,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> BlockProfile:
     """Profile a user's ``nn.Module`` on this host; the module itself is never touched."""
     from optisplit.chain import trace
@@ -128,6 +129,7 @@ def profile_module(
         clock=clock,
         on_progress=on_progress,
         sandbox=False,
+        max_seconds=max_seconds,
     )
 
 
