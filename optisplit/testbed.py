@@ -7,14 +7,18 @@ A testbed file ``profiles/testbeds/<name>.yaml`` (``schema_version: 1``)::
     source: pi1            # where inputs appear
     sink: pi1              # where results must arrive (default: the source)
     devices:
-      pi1: {profile: host, scale: 8.0, memory_mb: 4096, cores: [0], cpu_quota: 0.25}
+      pi1: {profile: host, scale: 8.0, memory_mb: 4096, cores: [0], cpu_quota: 0.25,
+            throttle: pace}
       gpu: {profile: host, scale: 0.2, memory_mb: 16384, address: "10.0.0.2:29500"}
     links:
       - {between: [pi1, gpu], rtt_ms: 0.4, mbps: 1000, loss_pct: 0, jitter_ms: 0}
     switches: []           # names usable as link endpoints (multi-hop routes)
 
 ``profile`` names the device whose profile files are used (default: the device's own name) and
-``scale`` multiplies its times (default 1.0). Links are full duplex: each direction carries
+``scale`` multiplies its times (default 1.0). ``cores``, ``cpu_quota`` and ``throttle`` are for an
+emulated testbed: the cores a device is pinned to and the share of one core it gets, enforced
+either by a CFS ``quota`` (the default) or by ``pace`` (the device's processes rest after each
+block in proportion to its CPU time, see :mod:`optisplit.pace`). Links are full duplex: each direction carries
 ``mbps`` on its own. A route between two devices is the path of least total RTT in the graph; it
 may pass through switches and other devices.
 """
@@ -62,7 +66,8 @@ CONDITIONS: dict[str, tuple[float, float]] = {
 """
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_DEVICE_KEYS = {"profile", "scale", "memory_mb", "address", "cores", "cpu_quota"}
+_DEVICE_KEYS = {"profile", "scale", "memory_mb", "address", "cores", "cpu_quota", "throttle"}
+THROTTLES = ("quota", "pace")
 _LINK_KEYS = {"between", "rtt_ms", "mbps", "loss_pct", "jitter_ms"}
 _TOP_KEYS = {"schema_version", "name", "source", "sink", "devices", "links", "switches"}
 
@@ -78,6 +83,14 @@ class Device:
     address: str | None = None
     cores: tuple[int, ...] | None = None
     cpu_quota: float | None = None
+    throttle: str = "quota"
+
+    @property
+    def pace(self) -> float | None:
+        """The speed a paced device runs at (None unless ``throttle: pace`` limits it)."""
+        if self.throttle != "pace" or self.cpu_quota is None or self.cpu_quota >= 1.0:
+            return None
+        return self.cpu_quota
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,8 @@ class Testbed:
                 entry["cores"] = list(dev.cores)
             if dev.cpu_quota is not None:
                 entry["cpu_quota"] = dev.cpu_quota
+            if dev.throttle != "quota":
+                entry["throttle"] = dev.throttle
             devices[name] = entry
         return {
             "schema_version": SCHEMA_VERSION,
@@ -338,6 +353,11 @@ class _Parser:
         self.unknown_keys(spec, _DEVICE_KEYS, where)
         memory = spec.get("memory_mb")
         quota = spec.get("cpu_quota")
+        throttle = spec.get("throttle", "quota")
+        if throttle not in THROTTLES:
+            raise self.fail(f"{where}.throttle", f"expected quota or pace, got {throttle!r}")
+        if throttle == "pace" and isinstance(quota, (int, float)) and quota > 1:
+            raise self.fail(f"{where}.throttle", "pace slows one core: needs cpu_quota <= 1")
         return Device(
             name=name,
             profile=self.name(spec.get("profile", name), f"{where}.profile"),
@@ -350,6 +370,7 @@ class _Parser:
             cpu_quota=None
             if quota is None
             else self.number(quota, f"{where}.cpu_quota", minimum=0, strict=True),
+            throttle=throttle,
         )
 
     def address(self, value: Any, where: str) -> str | None:

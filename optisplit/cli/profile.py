@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         if code is not None:
             return code
     target = _target(args)
+    from optisplit.pace import pace_from_env
     from optisplit.profile import save_profile
     from optisplit.profiler import profile_model
 
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             on_progress=lambda done, total: bar.advance(),
             max_seconds=args.max_seconds if args.max_seconds > 0 else None,
+            pace=pace_from_env(),  # set when run as a paced device of an emulated testbed
         )
     path = save_profile(result, target)
     if args.json:
@@ -153,13 +155,18 @@ def _run_in_sandbox(args: argparse.Namespace) -> int | None:
         from optisplit import emulate
     except ImportError:
         emulate = None  # type: ignore[assignment]
-    if emulate is None or not emulate.is_up(testbed):
+    if emulate is None:
+        return None
+    if not emulate.is_up(testbed):
+        pace = testbed.devices[args.device].pace
+        limits = "without the device's CPU limits" if pace is None else f"paced at {pace}"
         print(
             f"optisplit: warning: testbed {testbed.name} is not up; profiling on this host "
-            "without the device's CPU limits",
+            f"{limits}",
             file=sys.stderr,
         )
-        return None
+        if pace is None:
+            return None
     argv = [sys.executable, "-m", "optisplit", *_inner_argv(args)]
     command = emulate.wrap_command(testbed, args.device, argv)
     return subprocess.run(command, check=False).returncode

@@ -3,7 +3,7 @@
 ``up`` builds a testbed from its spec (and checks it), ``down`` removes it, ``is_up``,
 ``device_host`` and ``wrap_command`` let launchers place processes on its devices. Without root,
 or while a testbed is not up, devices are processes on loopback: ``is_up`` is false,
-``device_host`` is 127.0.0.1 and ``wrap_command`` only pins cores.
+``device_host`` is 127.0.0.1 and ``wrap_command`` only pins cores (and paces a paced device).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from optisplit.errors import TestbedError, UsageError
+from optisplit.pace import ENV as PACE_ENV
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -67,14 +68,17 @@ def wrap_command(testbed: Testbed, device: str, argv: list[str]) -> list[str]:
 
     The launcher joins the cgroup first and then enters the namespace with ``setns(2)`` (``ip
     netns exec`` would remount ``/sys``), and sets ``TP_SOCKET_IFNAME``/``GLOO_SOCKET_IFNAME``
-    to the device's interface. When the testbed is not up, only the core pinning remains.
+    to the device's interface. When the testbed is not up, only the core pinning and a paced
+    device's speed (which needs no privileges) remain.
     """
     from optisplit.emulate import sandbox
 
     _device(testbed, device)
     state = _running(testbed)
     if state is None:
-        return [*sandbox.pin_prefix(testbed.devices[device].cores), *argv]
+        spec = testbed.devices[device]
+        pace = [] if spec.pace is None else ["env", f"{PACE_ENV}={spec.pace}"]
+        return [*pace, *sandbox.pin_prefix(spec.cores), *argv]
     return [*sandbox.command_prefix(state, device), *argv]
 
 

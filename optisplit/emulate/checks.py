@@ -10,7 +10,8 @@ Tolerances (a check passes when the measurement is within them):
   byte, so propagation delay does not count). On a path with loss only the upper bound holds:
   TCP's goodput over a lossy link is below the link's rate by design.
 - Speed: the share of its cores a device gets, CPU seconds / wall seconds of a busy loop run
-  inside its sandbox, must be within 10% of ``min(1, cpu_quota)``.
+  inside its sandbox, must be within 10% of ``min(1, cpu_quota)`` (a paced device's loop rests
+  as its workers do, so this checks the pacing).
 """
 
 from __future__ import annotations
@@ -52,11 +53,17 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.10
 RTT_FLOOR_MS = 0.3
 _PROBE_PORT_TIMEOUT_S = 30.0
+# A busy loop in chunks of about a millisecond; a paced device rests after each chunk.
 _LOOP = (
     "import sys, time\n"
-    "work = float(sys.argv[1]); t = time.perf_counter(); c = time.process_time(); x = 0\n"
-    "while time.process_time() - c < work:\n"
+    "from optisplit.pace import Pacer, pace_from_env\n"
+    "speed = pace_from_env(); pacer = None if speed is None else Pacer(speed)\n"
+    "def chunk():\n"
+    "    x = 0\n"
     "    for i in range(20000): x += i * i\n"
+    "work = float(sys.argv[1]); t = time.perf_counter(); c = time.process_time()\n"
+    "while time.process_time() - c < work:\n"
+    "    chunk() if pacer is None else pacer.run(chunk)\n"
     "print(time.perf_counter() - t, time.process_time() - c)\n"
 )
 

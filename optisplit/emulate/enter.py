@@ -1,6 +1,9 @@
 """Launcher: join a device's cgroup, pin to its cores, enter its network namespace, exec.
 
-``python -m optisplit.emulate.enter [--cgroup DIR] [--cores 0,1] [--netns NAME] -- ARGV...``
+``python -m optisplit.emulate.enter [--cgroup DIR] [--cores 0,1] [--netns NAME] [--pace S] -- ARGV``
+
+``--pace`` hands a paced device's speed to the command (``OPTISPLIT_PACE``, see
+:mod:`optisplit.pace`).
 
 The order matters: the cgroup is joined first, while ``/sys`` is still the host's, and the
 namespace is entered with ``setns(2)`` rather than ``ip netns exec`` (which remounts ``/sys``).
@@ -21,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cores", help="comma-separated cores to pin to")
     parser.add_argument("--netns", help="network namespace name (under /run/netns)")
     parser.add_argument("--ifname", help="the namespace's interface, for TensorPipe and Gloo")
+    parser.add_argument("--pace", help="speed of a paced device, in (0, 1]")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     return parser
 
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             # RPC backends pick their interface from these; without them they may choose lo.
             os.environ.setdefault("TP_SOCKET_IFNAME", args.ifname)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", args.ifname)
+        if args.pace:
+            from optisplit.pace import ENV, check_speed
+
+            os.environ[ENV] = str(check_speed(args.pace, "--pace"))
         os.execvp(command[0], command)
     except Exception as exc:  # reported as one line; the caller sees exit code 1
         print(f"enter: {exc}", file=sys.stderr)

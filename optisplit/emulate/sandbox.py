@@ -56,6 +56,7 @@ def spec_of(testbed: Testbed) -> dict[str, Any]:
             name: {
                 "cores": list(d.cores) if d.cores is not None else None,
                 "cpu_quota": d.cpu_quota,
+                "throttle": d.throttle,
             }
             for name, d in sorted(testbed.devices.items())
         },
@@ -133,6 +134,7 @@ def _plan(testbed: Testbed, spec: dict[str, Any]) -> TestbedState:
             cgroup=str(tree / safe_name(name)) if tree is not None else None,
             cores=tuple(device.cores) if device.cores is not None else None,
             cpu_quota=device.cpu_quota,
+            throttle=device.throttle,
         )
     return TestbedState(
         name=testbed.name,
@@ -150,7 +152,9 @@ def _make_devices(state: TestbedState) -> None:
         netns.make_namespace(device.netns)
         netns.add_tun(DEVICE_IF, netns=device.netns, address=device.address, mtu=MTU)
         netns.tune_tcp(device.netns)
-        cgroup.make_group(safe_name(state.name), safe_name(device.name), device.cpu_quota)
+        # A paced device limits itself; its group still pins, weighs and collects its processes.
+        quota = None if device.throttle == "pace" else device.cpu_quota
+        cgroup.make_group(safe_name(state.name), safe_name(device.name), quota)
 
 
 def _start_forwarder(state: TestbedState) -> int:
@@ -319,4 +323,6 @@ def command_prefix(state: TestbedState, device: str) -> list[str]:
     kept = usable_cores(d.cores)
     if kept is not None:
         prefix += ["--cores", ",".join(map(str, kept))]
+    if d.pace is not None:
+        prefix += ["--pace", str(d.pace)]
     return [*prefix, "--netns", d.netns, "--ifname", DEVICE_IF, "--"]

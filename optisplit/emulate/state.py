@@ -62,6 +62,14 @@ class DeviceState:
     cgroup: str | None
     cores: tuple[int, ...] | None
     cpu_quota: float | None
+    throttle: str = "quota"
+
+    @property
+    def pace(self) -> float | None:
+        """The speed a paced device runs at, or None (see ``Device.pace``)."""
+        if self.throttle != "pace" or self.cpu_quota is None or self.cpu_quota >= 1.0:
+            return None
+        return self.cpu_quota
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class TestbedState:
                 cgroup=d.get("cgroup"),
                 cores=tuple(d["cores"]) if d.get("cores") is not None else None,
                 cpu_quota=d.get("cpu_quota"),
+                throttle=d.get("throttle", "quota"),
             )
             for name, d in document["devices"].items()
         }

@@ -59,11 +59,14 @@ class _StageHolder:
     """One stage's module on its worker; calls are serialised (one compute at a time)."""
 
     def __init__(self, index: int, spec: dict[str, Any], start: int, end: int, nxt: str) -> None:
+        from optisplit.pace import pace_from_env
         from optisplit.runtime.stage import build_stage
 
         torch_device = _TORCH_DEVICE[0]
         self.index = index
-        self.module = build_stage(ModelSpec.from_dict(spec), start, end, torch_device=torch_device)
+        self.module = build_stage(
+            ModelSpec.from_dict(spec), start, end, torch_device=torch_device, pace=pace_from_env()
+        )
         self.next = nxt
         self.torch_device = torch_device
         self.lock = threading.Lock()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optisplit.errors import ModelError, RuntimeFailure
+from optisplit.pace import PacedBlocks, Pacer
 from optisplit.runtime.base import ModelSpec
 
 if TYPE_CHECKING:
@@ -72,19 +73,26 @@ def tune_allocator() -> bool:
 
 
 def build_stage(
-    spec: ModelSpec, start: int, end: int, *, torch_device: str = "cpu"
+    spec: ModelSpec, start: int, end: int, *, torch_device: str = "cpu", pace: float | None = None
 ) -> torch.nn.Module:
     """The runnable module of blocks ``start .. end-1`` (identity when ``start == end``).
+
+    With ``pace`` (a speed below 1, see :mod:`optisplit.pace`) the blocks run one by one on the
+    CPU, each followed by its rest, exactly as the profiler of a paced device times them.
 
     Raises:
         RuntimeFailure: the weights file does not match its hash, or the range does not fit.
         ModelError: unknown model or factory.
     """
-    return build_stages(spec, [(start, end)], torch_device=torch_device)[0]
+    return build_stages(spec, [(start, end)], torch_device=torch_device, pace=pace)[0]
 
 
 def build_stages(
-    spec: ModelSpec, ranges: Sequence[tuple[int, int]], *, torch_device: str = "cpu"
+    spec: ModelSpec,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    torch_device: str = "cpu",
+    pace: float | None = None,
 ) -> list[Any]:
     """The modules of several block ranges, tracing the model once (see ``build_stage``)."""
     import torch
@@ -112,6 +120,10 @@ def build_stages(
             raise RuntimeFailure(
                 f"block range [{start}:{end}] does not fit {spec.model} ({chain.n_blocks} blocks)"
             )
+        if pace is not None and torch_device == "cpu":
+            blocks = [chain.stage_module(i, i + 1) for i in range(start, end)]
+            modules.append(PacedBlocks(blocks, Pacer(pace)))
+            continue
         module = chain.stage_module(start, end).eval()
         modules.append(module.to(torch.device(torch_device)))
     return modules

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from optisplit.errors import OptisplitError, RuntimeFailure
+from optisplit.pace import pace_from_env
 from optisplit.runtime import wire
 from optisplit.runtime.base import ModelSpec
 from optisplit.runtime.stage import ResourceSampler, build_stage, run_stage
@@ -399,7 +400,9 @@ class Worker:
         start, end = _field(doc, "start", int), _field(doc, "end", int)
         if index in session.stages:
             raise FrameError(f"stage {index} is already deployed")
-        module = build_stage(spec, start, end, torch_device=self.torch_device)
+        module = build_stage(
+            spec, start, end, torch_device=self.torch_device, pace=pace_from_env()
+        )
         nxt = _field(doc, "next", dict)
         address = _address(nxt.get("address"))
         role = f"data:{_field(nxt, 'stage', int)}"

@@ -1,0 +1,97 @@
+"""Pacing: a device slower than this host's core, emulated by resting after each piece of work.
+
+A paced process with speed ``s`` (0 < s <= 1) measures the CPU time ``c`` of each piece of work
+(a block) on its own thread and then sleeps ``c * (1/s - 1)``, so every block takes ``c / s`` of
+wall time and the process uses ``s`` of a core, whether it runs one block or a long pipeline. A
+CFS quota gives the same long-run share but not per block: a burst shorter than the quota's
+budget runs at full speed and a long run stalls at period boundaries, so one model's time in a
+quota sandbox depends on how it is called (``bench/quota.py`` measures this). Pacing makes a
+block's time the same in the profiler and in a worker, which is what the cost model needs.
+
+Sleep overshoot is carried over: a sleep that ran long shortens the next one, so many short
+blocks keep the exact pace. The emulated testbed hands the speed to every process it starts as
+a paced device through the ``OPTISPLIT_PACE`` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from optisplit.errors import UsageError
+
+__all__ = ["ENV", "PacedBlocks", "Pacer", "check_speed", "pace_from_env"]
+
+ENV = "OPTISPLIT_PACE"
+# Owed rest below this is kept for later: a sleep call costs tens of microseconds by itself.
+_MIN_SLEEP_NS = 50_000
+# Overslept time credited to the next rests, at most this much (a long idle gap is not credit).
+_MAX_CREDIT_NS = 2_000_000
+
+
+def check_speed(speed: float | str, where: str = "pace") -> float:
+    """``speed`` as a float in (0, 1]; raises UsageError otherwise."""
+    try:
+        value = float(speed)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected a speed in (0, 1], got {speed!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise UsageError(f"{where}: expected a speed in (0, 1], got {speed!r}")
+    return value
+
+
+def pace_from_env() -> float | None:
+    """The speed this process runs at (``OPTISPLIT_PACE``), or None when it is not paced."""
+    raw = os.environ.get(ENV, "").strip()
+    if not raw:
+        return None
+    speed = check_speed(raw, ENV)
+    return None if speed == 1.0 else speed
+
+
+class Pacer:
+    """Rests after each piece of work so that it takes ``1 / speed`` times its CPU time."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = check_speed(speed)
+        self._stretch = 1.0 / self.speed - 1.0
+        self._owed_ns = 0.0
+
+    def rest(self, cpu_ns: int) -> None:
+        """Sleep off ``cpu_ns`` of work done at full speed (plus what is still owed)."""
+        self._owed_ns += cpu_ns * self._stretch
+        if self._owed_ns < _MIN_SLEEP_NS:
+            return
+        start = time.perf_counter_ns()
+        time.sleep(self._owed_ns / 1e9)
+        self._owed_ns = max(self._owed_ns - (time.perf_counter_ns() - start), -_MAX_CREDIT_NS)
+
+    def run(self, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)``, then the rest its CPU time (on this thread) calls for."""
+        start = time.thread_time_ns()
+        result = work(*args)
+        self.rest(time.thread_time_ns() - start)
+        return result
+
+
+class PacedBlocks:
+    """Block modules run one after another, each followed by its rest: a stage on a slow device.
+
+    Called like a stage module: takes the tensors crossing the first cut and returns the tuple
+    crossing the last one.
+    """
+
+    def __init__(self, blocks: Sequence[Any], pacer: Pacer) -> None:
+        self.blocks = list(blocks)
+        self.pacer = pacer
+
+    def __call__(self, *tensors: Any) -> Any:
+        out: Any = tensors
+        for block in self.blocks:
+            out = self.pacer.run(block, *out)
+        return out
+
+    def eval(self) -> PacedBlocks:
+        return self
