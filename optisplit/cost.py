@@ -11,7 +11,9 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   CPU-quota-throttled device a short block mostly runs at full speed while a later one pays for
   it, so medians miss the stalls); a stage runs its blocks back to back like the whole model.
   Measured on the emulated testbed: mobilenet_v2 on a quota-0.5 device sums to 43.7 ms of block
-  medians against 60.8 ms whole, and the stages ran 57-82 ms (``bench/fidelity.py``).
+  medians against 60.8 ms whole, and the stages ran 57-82 ms (``bench/fidelity.py``). A paced
+  device (``throttle: pace``) runs its stages block by block exactly as its profile timed them,
+  so ``w = 1`` there.
 * A profile timed with the CPU clock (provenance ``clock: cpu``: the thread's CPU time, immune to
   other processes on a shared host) measures work, not wall time; on a device limited to a CPU
   quota ``q`` (a fraction of one core; emulated devices) that work takes ``1 / min(q, 1)`` times
@@ -213,7 +215,7 @@ class CostModel:
             d: tuple(
                 b.time_ms
                 * testbed.devices[d].scale
-                * self._whole_factor(profiles[d])
+                * self._whole_factor(d, profiles[d])
                 * self._quota_factor(d, profiles[d])
                 for b in profiles[d].blocks
             )
@@ -228,10 +230,16 @@ class CostModel:
         self.block_mem_bytes = tuple(b.mem_bytes for b in reference.blocks)
         self._routes: dict[tuple[str, str], Route] = {}
 
-    def _whole_factor(self, profile: BlockProfile) -> float:
-        """``whole_ms / Σ block medians`` when ``Overheads.whole_model`` is on, else 1."""
+    def _whole_factor(self, device: str, profile: BlockProfile) -> float:
+        """``whole_ms / Σ block medians`` when ``Overheads.whole_model`` is on, else 1.
+
+        Always 1 on a paced device: its workers run a stage block by block, each followed by
+        its rest, just as the profiler timed the blocks.
+        """
         total = profile.sum_ms
         if not self.overheads.whole_model or total <= 0 or profile.whole_ms <= 0:
+            return 1.0
+        if self.testbed.devices[device].pace is not None:
             return 1.0
         return profile.whole_ms / total
 

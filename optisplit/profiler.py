@@ -6,7 +6,8 @@ one just produced (the data flow of the whole model, with a clock read between b
 the whole (eager) model in one piece; interleaving the two keeps slow drifts of the machine from
 biasing one against the other. Everything runs under ``torch.inference_mode`` with
 ``torch.set_num_threads(threads)`` and the garbage collector paused; each round starts from a
-fresh copy of the input (copied outside the timed region).
+fresh copy of the input (copied outside the timed region). The process's heap is tuned as a
+worker's is (``runtime.stage.tune_allocator``), so blocks allocate their outputs the same way.
 
 ``mem_bytes`` (peak extra memory of a block) is the peak, over the block's run, of the bytes of
 tensor storages the block itself allocated and still holds alive (its outputs included; its inputs
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from optisplit.errors import UsageError
+from optisplit.pace import Pacer
 from optisplit.profile import BlockProfile, BlockTiming
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ def profile_model(
     seed: int = 0,
     on_progress: Progress | None = None,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    pace: float | None = None,
 ) -> BlockProfile:
     """Build a zoo (or user) model, trace it and profile it on this host as ``device``.
 
@@ -98,6 +101,7 @@ def profile_model(
         on_progress=on_progress,
         sandbox=False,
         max_seconds=max_seconds,
+        pace=pace,
     )
 
 
@@ -114,6 +118,7 @@ def profile_module(
     clock: str = "wall",
     on_progress: Progress | None = None,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    pace: float | None = None,
 ) -> BlockProfile:
     """Profile a user's ``nn.Module`` on this host; the module itself is never touched."""
     from optisplit.chain import trace
@@ -130,6 +135,7 @@ def profile_module(
         on_progress=on_progress,
         sandbox=False,
         max_seconds=max_seconds,
+        pace=pace,
     )
 
 
@@ -144,6 +150,7 @@ def profile_chain(
     on_progress: Progress | None = None,
     sandbox: bool = True,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    pace: float | None = None,
 ) -> BlockProfile:
     """Profile every block of ``chain`` and the whole model on this host as ``device``.
 
@@ -161,6 +168,8 @@ def profile_chain(
         max_seconds: stop the timed rounds once they have taken this long, after at least
             ``MIN_REPEATS`` (or ``repeats``, if fewer); ``None`` runs every round. Keeps a
             default profile of a slow model (vgg16) short while fast models get every round.
+        pace: the speed of a paced device (:mod:`optisplit.pace`): each block, and the whole
+            model, rests after it ran, as in a paced worker; the wall clock counts the rest.
     """
     import torch
 
@@ -168,6 +177,9 @@ def profile_chain(
 
     _check_counts(threads, warmup, repeats)
     timer = _timer(clock, threads)
+    pacer = None if pace is None else Pacer(pace)
+    if pacer is not None and threads != 1:
+        raise UsageError(f"a paced device runs one thread; got threads={threads}")
     if sandbox:
         chain = trace(
             copy.deepcopy(chain.model),
@@ -175,16 +187,28 @@ def profile_chain(
             granularity=chain.granularity,
             name=chain.name,
         )
+    from optisplit.runtime.stage import tune_allocator
+
+    # Heap settings as in a worker: without them a fresh activation buffer is a fresh mmap whose
+    # pages fault in, which costs mobilenet_v2 ~15 % more time than the worker's stage takes.
+    tune_allocator()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
             block_ms, whole_ms, mem = _measure(
-                chain, warmup, repeats, timer, on_progress, max_seconds
+                chain, warmup, repeats, timer, on_progress, max_seconds, pacer
             )
     finally:
         torch.set_num_threads(previous)
-    settings = {"threads": threads, "warmup": warmup, "repeats": len(whole_ms), "clock": clock}
+    settings: dict[str, Any] = {
+        "threads": threads,
+        "warmup": warmup,
+        "repeats": len(whole_ms),
+        "clock": clock,
+    }
+    if pace is not None:
+        settings["pace"] = pace
     return _build_profile(chain, device, settings, block_ms, whole_ms, mem)
 
 
@@ -214,11 +238,12 @@ def _measure(
     timer: Callable[[], int],
     on_progress: Progress | None,
     max_seconds: float | None = None,
+    pacer: Pacer | None = None,
 ) -> tuple[list[list[float]], list[float], list[int]]:
     """Interleaved timing rounds; returns per-block times, whole-model times, peak memory."""
     stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
     inputs = _capture_inputs(stages, chain.example_inputs)
-    whole = _Timed(chain.model, chain.example_inputs, timer)
+    whole = _Timed(chain.model, chain.example_inputs, timer, pacer)
     block_ms: list[list[float]] = [[] for _ in stages]
     whole_ms: list[float] = []
     total = warmup + repeats
@@ -232,7 +257,7 @@ def _measure(
             timed = round_ - warmup
             if deadline is not None and timed >= MIN_REPEATS and time.monotonic() > deadline:
                 break
-            times = _run_blocks(stages, chain.example_inputs, timer)
+            times = _run_blocks(stages, chain.example_inputs, timer, pacer)
             ms = whole.run()
             if round_ >= warmup:
                 for i, t in enumerate(times):
@@ -247,14 +272,17 @@ def _measure(
 
 
 def _run_blocks(
-    stages: Sequence[torch.nn.Module], first: tuple[torch.Tensor, ...], timer: Callable[[], int]
+    stages: Sequence[torch.nn.Module],
+    first: tuple[torch.Tensor, ...],
+    timer: Callable[[], int],
+    pacer: Pacer | None = None,
 ) -> list[float]:
     """One forward pass, block after block, each fed what the previous one just produced."""
     args = tuple(t.clone() for t in first)
     times = []
     for stage in stages:
         start = timer()
-        args = stage(*args)
+        args = stage(*args) if pacer is None else pacer.run(stage, *args)
         times.append((timer() - start) / 1e6)
     return times
 
@@ -272,11 +300,16 @@ class _Timed:
     """A module and its captured inputs; copies them per call only if it writes into them."""
 
     def __init__(
-        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], timer: Callable[[], int]
+        self,
+        module: torch.nn.Module,
+        args: tuple[torch.Tensor, ...],
+        timer: Callable[[], int],
+        pacer: Pacer | None = None,
     ) -> None:
         import torch
 
         self._timer = timer
+        self._pacer = pacer
         self._module = module
         self._args = args
         before = tuple(t.clone() for t in args)
@@ -286,7 +319,10 @@ class _Timed:
     def run(self) -> float:
         args = tuple(t.clone() for t in self._args) if self._copy else self._args
         start = self._timer()
-        self._module(*args)
+        if self._pacer is None:
+            self._module(*args)
+        else:
+            self._pacer.run(self._module, *args)
         return (self._timer() - start) / 1e6
 
 
