@@ -55,7 +55,11 @@ def _args() -> argparse.Namespace:
         help="profile clock: cpu (immune to other load; the cost model divides by the quota)",
     )
     parser.add_argument("--profiles", default=None, help="default: bench/results/profiles-CLOCK")
-    parser.add_argument("--reprofile", action="store_true")
+    parser.add_argument(
+        "--reprofile",
+        action="store_true",
+        help="profile again before each condition (default: reuse profiles found on disk)",
+    )
     parser.add_argument("--skip-checks", action="store_true", help="do not probe the testbed")
     parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     return parser.parse_args()
@@ -146,6 +150,7 @@ def _case(
         }
     comparison = compare_plans(plans_from_results(results), backend=backend)
     return {
+        "compute_mape": _compute_mape(cost, results),
         "testbed": bed.name,
         "condition": condition,
         "model": model,
@@ -164,6 +169,19 @@ def _case(
     }
 
 
+def _compute_mape(cost: Any, results: list[dict[str, Any]]) -> float | None:
+    """MAPE of the stages' predicted compute against their measured compute (stages of 1 ms
+    and more): how much of the error is the devices' speed rather than the network's model."""
+    errors = []
+    for result in results:
+        for stage in (result.get("measured") or {}).get("stages", []):
+            measured = stage.get("compute_ms") or 0.0
+            if measured >= 1.0:
+                predicted = cost.compute_ms(stage["device"], stage["start"], stage["end"])
+                errors.append(abs(predicted - measured) / measured * 100)
+    return sum(errors) / len(errors) if errors else None
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -172,7 +190,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
         f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'lat rho':>7} {'thr rho':>7} "
-        f"{'prec':>5} {'recall':>6} {'s':>6}"
+        f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'s':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -182,7 +200,8 @@ def _print(rows: list[dict[str, Any]]) -> None:
             f"{r['plans']:>5} {_fmt(r['latency_mape'], '9.1f')} "
             f"{_fmt(r['throughput_mape'], '9.1f')} {_fmt(r['latency_spearman'], '7.2f')} "
             f"{_fmt(r['throughput_spearman'], '7.2f')} {_fmt(r['front_precision'], '5.2f')} "
-            f"{_fmt(r['front_recall'], '6.2f')} {r['seconds']:>6}"
+            f"{_fmt(r['front_recall'], '6.2f')} {_fmt(r.get('compute_mape'), '9.1f')} "
+            f"{r['seconds']:>6}"
         )
 
 
@@ -199,6 +218,7 @@ def main() -> int:
             emulate.up(apply_condition(base, "lan"), check=not args.skip_checks)
             for model in models:
                 _profile(base, model, args.profiles, args.clock, args.reprofile)
+            reprofile = False  # just measured
             backends = args.backends.split(",")
             overheads = {
                 b: probe_overheads(apply_condition(base, "lan"), b, args) for b in backends
@@ -208,6 +228,9 @@ def main() -> int:
             for condition in args.conditions.split(","):
                 bed = apply_condition(base, condition)
                 emulate.up(bed, check=not args.skip_checks)
+                for model in models:  # fresh profiles: this host's speed drifts over minutes
+                    _profile(base, model, args.profiles, args.clock, reprofile)
+                reprofile = args.reprofile
                 for model in models:
                     for backend in backends:
                         rows.append(
