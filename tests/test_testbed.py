@@ -43,6 +43,9 @@ def test_shipped_testbeds_load() -> None:
     assert edge8.path("pi1", "gpu") == ["pi1", "sw", "gpu"]
     local = load_testbed("local", root=ROOT)
     assert local.devices["slow"].cpu_quota == 0.5 and local.devices["slow"].cores == (1,)
+    assert local.devices["slow"].throttle == "pace" and local.devices["slow"].pace == 0.5
+    assert local.devices["fast"].throttle == "quota" and local.devices["fast"].pace is None
+    assert parse_testbed(local.to_dict()) == local
     assert local.devices["fast"].profile == "fast"
     pi = load_testbed("pi-gpu", root=ROOT).devices["pi1"]
     assert pi.profile == "host" and pi.scale == 8.0 and pi.memory_bytes == 4096 * 2**20
@@ -97,6 +100,11 @@ def _broken(**changes: object) -> dict[str, object]:
         ({"devices__b__memory_mb": "lots"}, "devices.b.memory_mb"),
         ({"devices__b__address": "10.0.0.1"}, "devices.b.address: expected HOST:PORT"),
         ({"devices__b__cores": [-1]}, "devices.b.cores"),
+        ({"devices__b__throttle": "nice"}, "devices.b.throttle: expected quota or pace"),
+        (
+            {"devices__b__throttle": "pace", "devices__b__cpu_quota": 2},
+            "devices.b.throttle: pace slows one core",
+        ),
         ({"links__0__between": ["a", "z"]}, "links[0].between: unknown device or switch 'z'"),
         ({"links__0__mbps": 0}, "links[0].mbps: expected a number > 0"),
         ({"links__0__rtt_ms": None}, "links[0].rtt_ms: is missing"),

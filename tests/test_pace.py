@@ -1,0 +1,177 @@
+"""Paced devices: the pacer's share of a core, paced stages and profiles, and how a paced
+device's speed reaches the processes started as that device."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic import synthetic_profile
+
+from optisplit import emulate
+from optisplit.chain import trace
+from optisplit.cost import CostModel, Overheads
+from optisplit.errors import UsageError
+from optisplit.pace import ENV, PacedBlocks, Pacer, check_speed, pace_from_env
+from optisplit.plan import Plan
+from optisplit.profiler import profile_chain
+from optisplit.runtime.base import ModelSpec
+from optisplit.runtime.stage import build_stage
+from optisplit.testbed import Device, Link, Testbed, load_testbed
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTORY = "tests.test_runtime_contract:tiny_model"
+
+
+def _spin(seconds: float) -> None:
+    """Busy work of about ``seconds`` of this thread's CPU time."""
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        sum(i * i for i in range(500))
+
+
+def test_speed_is_checked() -> None:
+    assert check_speed("0.25") == 0.25 and check_speed(1) == 1.0
+    for bad in (0, -0.5, 1.5, "fast", None):
+        with pytest.raises(UsageError, match=r"expected a speed in \(0, 1\]"):
+            check_speed(bad)  # type: ignore[arg-type]
+
+
+def test_speed_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    assert pace_from_env() is None
+    monkeypatch.setenv(ENV, "0.4")
+    assert pace_from_env() == 0.4
+    monkeypatch.setenv(ENV, "1")
+    assert pace_from_env() is None  # full speed: nothing to pace
+    monkeypatch.setenv(ENV, "2")
+    with pytest.raises(UsageError, match=ENV):
+        pace_from_env()
+
+
+def test_pacer_stretches_work_to_its_speed() -> None:
+    pacer = Pacer(0.25)
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    for _ in range(40):
+        pacer.run(_spin, 0.002)
+    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    # 80 ms of work at a quarter of a core: four times as long (sleep overshoot is carried over)
+    assert wall / cpu == pytest.approx(4.0, rel=0.15)
+
+
+def test_pacer_keeps_small_rests_for_later() -> None:
+    pacer = Pacer(0.5)
+    start = time.perf_counter_ns()
+    pacer.rest(10_000)  # 10 us owed: too short for a sleep of its own
+    assert time.perf_counter_ns() - start < 5_000_000
+    assert pacer._owed_ns == pytest.approx(10_000)
+    pacer.rest(1_000_000)  # now ~1 ms is owed and slept off
+    assert pacer._owed_ns <= 0
+
+
+@pytest.fixture(scope="module")
+def tiny_chain() -> object:
+    from tests.test_runtime_contract import tiny_model
+
+    model, x = tiny_model()
+    return trace(model, (x,))
+
+
+def test_paced_blocks_compute_what_the_stage_computes(tiny_chain: object) -> None:
+    chain = tiny_chain
+    n = chain.n_blocks  # type: ignore[attr-defined]
+    x = chain.example_inputs  # type: ignore[attr-defined]
+    blocks = [chain.stage_module(i, i + 1) for i in range(n)]  # type: ignore[attr-defined]
+    paced = PacedBlocks(blocks, Pacer(0.5))
+    with torch.inference_mode():
+        expected = chain.stage_module(0, n)(*x)  # type: ignore[attr-defined]
+        got = paced(*x)
+    assert len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_build_stage_with_pace_runs_blocks_one_by_one() -> None:
+    spec = ModelSpec("tiny", module=FACTORY)
+    plain = build_stage(spec, 1, 5)
+    paced = build_stage(spec, 1, 5, pace=0.5)
+    assert isinstance(paced, PacedBlocks) and len(paced.blocks) == 4
+    assert not isinstance(build_stage(spec, 1, 5, pace=None), PacedBlocks)
+    from tests.test_runtime_contract import tiny_model
+
+    model, x = tiny_model()
+    first = trace(model, (x,)).stage_module(0, 1)
+    with torch.inference_mode():
+        (mid,) = first(x)
+        want = plain(mid)
+        got = paced(mid)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_paced_profile_counts_the_rests_on_the_wall_clock() -> None:
+    layers = [torch.nn.Conv2d(16, 16, 3, padding=1) for _ in range(3)]
+    model = torch.nn.Sequential(*layers).eval()
+    chain = trace(model, (torch.randn(1, 16, 48, 48),))
+    kwargs = {"device": "d", "warmup": 2, "repeats": 9, "max_seconds": None}
+    cpu = profile_chain(chain, clock="cpu", pace=0.5, **kwargs)  # type: ignore[arg-type]
+    wall = profile_chain(chain, clock="wall", pace=0.5, **kwargs)  # type: ignore[arg-type]
+    assert cpu.provenance["pace"] == 0.5 and wall.provenance["pace"] == 0.5
+    assert wall.sum_ms / cpu.sum_ms == pytest.approx(2.0, rel=0.3)
+    with pytest.raises(UsageError, match="one thread"):
+        profile_chain(chain, threads=2, pace=0.5, **kwargs)  # type: ignore[arg-type]
+
+
+def test_cost_model_sums_blocks_on_a_paced_device() -> None:
+    profile = synthetic_profile(3, times_ms=[10, 20, 30], cut_bytes=[1_000] * 4)
+    profile = type(profile)(
+        **{**profile.__dict__, "whole_ms": 90.0, "provenance": {"clock": "cpu"}}
+    )
+    devices = {
+        "q": Device("q", profile="host", cpu_quota=0.5),
+        "p": Device("p", profile="host", cpu_quota=0.5, throttle="pace"),
+    }
+    testbed = Testbed("qp", devices, (Link("q", "p", 1.0, 100.0),), "q", "q", ())
+    model = CostModel(testbed, {"q": profile, "p": profile}, overheads=Overheads())
+    # CPU-clock work at half a core takes twice as long on both; only the quota device spreads
+    # the whole-model time (90 ms against 60 ms of block medians) over its blocks
+    assert model.compute_ms("q", 0, 3) == pytest.approx(90 / 0.5)
+    assert model.compute_ms("p", 0, 3) == pytest.approx(60 / 0.5)
+    e = model.evaluate(Plan.parse("p[0:3]"))
+    assert e.stages[0].compute_ms == pytest.approx(120)
+
+
+def test_launcher_hands_the_pace_to_the_command() -> None:
+    code = f"import os; print(os.environ.get({ENV!r}))"
+    launcher = [sys.executable, "-m", "optisplit.emulate.enter", "--pace", "0.4", "--"]
+    out = subprocess.run([*launcher, sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0.4"
+    bad = [sys.executable, "-m", "optisplit.emulate.enter", "--pace", "3", "--", "true"]
+    out = subprocess.run(bad, capture_output=True, text=True)
+    assert out.returncode == 1 and "expected a speed" in out.stderr
+
+
+def test_a_paced_device_is_paced_even_when_its_testbed_is_not_up(tmp_path: Path) -> None:
+    path = tmp_path / f"paced{os.getpid()}.yaml"
+    path.write_text(
+        f"schema_version: 1\nname: paced{os.getpid()}\nsource: slow\n"
+        "devices:\n  slow: {cores: [0], cpu_quota: 0.5, throttle: pace}\n"
+        "  fast: {cores: [0]}\nlinks:\n  - {between: [slow, fast], rtt_ms: 1, mbps: 100}\n"
+    )
+    testbed = load_testbed(str(path))
+    assert not emulate.is_up(testbed)
+    argv = emulate.wrap_command(testbed, "slow", [sys.executable, "-c", "pass"])
+    assert argv[:2] == ["env", f"{ENV}=0.5"] and argv[2:5] == ["taskset", "-c", "0"]
+    assert emulate.wrap_command(testbed, "fast", ["true"])[0] == "taskset"
+
+
+def test_speed_check_sees_a_paced_device_at_its_speed() -> None:
+    from optisplit.emulate import checks
+
+    inside = [sys.executable, "-m", "optisplit.emulate.enter", "--pace", "0.25", "--"]
+    wall, cpu = checks._loop_seconds(inside, 0.1)
+    assert cpu == pytest.approx(0.1, abs=0.02) and wall > 2 * cpu
+    assert checks.within(checks.measure_device(inside), checks.expected_speed(0.25))
