@@ -171,6 +171,10 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quota_cell(cpu_quota: float, throttle: str) -> str:
+    return f"{cpu_quota:g}" if throttle == "quota" else f"{cpu_quota:g} ({throttle})"
+
+
 def _show(report: CheckReport, args: argparse.Namespace, *, title: str) -> None:
     if args.json:
         print_json(report.to_dict())
@@ -182,7 +186,7 @@ def _show(report: CheckReport, args: argparse.Namespace, *, title: str) -> None:
                 d.name,
                 d.address,
                 ",".join(map(str, d.cores)) if d.cores else "-",
-                "-" if d.cpu_quota is None else d.cpu_quota,
+                "-" if d.cpu_quota is None else _quota_cell(d.cpu_quota, d.throttle),
                 "-" if d.speed is None else d.speed,
                 "-" if d.expected_speed is None else d.expected_speed,
                 "yes" if d.ok else "NO",

@@ -99,6 +99,7 @@ class DeviceCheck:
     speed: float | None
     expected_speed: float | None
     problem: str | None = None
+    throttle: str = "quota"
 
     @property
     def ok(self) -> bool:
@@ -376,7 +377,14 @@ def check_device(state: TestbedState, name: str) -> DeviceCheck:
                 f"(cpu_quota {device.cpu_quota}, tolerance {TOLERANCE:.0%})"
             )
     return DeviceCheck(
-        name, device.address, device.cores, device.cpu_quota, speed, expected, problem
+        name,
+        device.address,
+        device.cores,
+        device.cpu_quota,
+        speed,
+        expected,
+        problem,
+        device.throttle,
     )
 
 
@@ -428,7 +436,7 @@ def check_testbed(
     state = sandbox.running(testbed) if sandbox.is_root() else None
     if state is None:
         fallback = tuple(
-            DeviceCheck(name, "127.0.0.1", d.cores, d.cpu_quota, None, None)
+            DeviceCheck(name, "127.0.0.1", d.cores, d.cpu_quota, None, None, None, d.throttle)
             for name, d in sorted(testbed.devices.items())
         )
         return CheckReport(testbed.name, False, "none (loopback)", fallback, ())
@@ -452,7 +460,9 @@ def check_testbed(
             done(f"device {name}")
         else:
             d = state.devices[name]
-            device_checks.append(DeviceCheck(name, d.address, d.cores, d.cpu_quota, None, None))
+            device_checks.append(
+                DeviceCheck(name, d.address, d.cores, d.cpu_quota, None, None, None, d.throttle)
+            )
     link_checks = _check_links(state, pair_paths(testbed) if links else [], done)
     return CheckReport(
         testbed.name, True, state.delay_path, tuple(device_checks), tuple(link_checks)
