@@ -136,6 +136,19 @@ def test_forwarder_loss_and_jitter_keep_order() -> None:
         os.close(write_b)
 
 
+def test_cfs_quota_only_where_it_limits() -> None:
+    def device(
+        quota: float | None, cores: tuple[int, ...] | None, throttle: str = "quota"
+    ) -> state.DeviceState:
+        return state.DeviceState("d", "ns", "10.0.0.1", None, cores, quota, throttle)
+
+    assert sandbox.cfs_quota(device(0.5, (0,))) == 0.5
+    assert sandbox.cfs_quota(device(1.0, (0,))) is None
+    assert sandbox.cfs_quota(device(2.0, None)) == 2.0
+    assert sandbox.cfs_quota(device(None, (0,))) is None
+    assert sandbox.cfs_quota(device(0.5, (0,), "pace")) is None
+
+
 def test_names_are_safe_and_distinct() -> None:
     assert state.netns_name("pi-gpu", "pi1") == "os-pi-gpu.pi1"
     assert state.netns_name("a b/c", "d.e") == "os-a_b_c.d_e"
