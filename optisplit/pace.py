@@ -22,7 +22,7 @@ from typing import Any
 
 from optisplit.errors import UsageError
 
-__all__ = ["ENV", "PacedBlocks", "Pacer", "check_speed", "pace_from_env"]
+__all__ = ["ENV", "PacedBlocks", "Pacer", "check_speed", "pace_from_env", "pace_of"]
 
 ENV = "OPTISPLIT_PACE"
 # Owed rest below this is kept for later: a sleep call costs tens of microseconds by itself.
@@ -40,6 +40,13 @@ def check_speed(speed: float | str, where: str = "pace") -> float:
     if not 0.0 < value <= 1.0:
         raise UsageError(f"{where}: expected a speed in (0, 1], got {speed!r}")
     return value
+
+
+def pace_of(throttle: str, cpu_quota: float | None) -> float | None:
+    """The speed a device with ``throttle`` and ``cpu_quota`` is paced at (None: not paced)."""
+    if throttle != "pace" or cpu_quota is None or cpu_quota >= 1.0:
+        return None
+    return cpu_quota
 
 
 def pace_from_env() -> float | None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optisplit.errors import TestbedError, UsageError
+from optisplit.pace import pace_of
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -88,9 +89,7 @@ class Device:
     @property
     def pace(self) -> float | None:
         """The speed a paced device runs at (None unless ``throttle: pace`` limits it)."""
-        if self.throttle != "pace" or self.cpu_quota is None or self.cpu_quota >= 1.0:
-            return None
-        return self.cpu_quota
+        return pace_of(self.throttle, self.cpu_quota)
 
 
 @dataclass(frozen=True)

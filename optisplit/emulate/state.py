@@ -14,6 +14,7 @@ from typing import Any
 
 from optisplit._io import write_json
 from optisplit.errors import TestbedError
+from optisplit.pace import pace_of
 
 __all__ = [
     "NETNS_PREFIX",
@@ -67,9 +68,7 @@ class DeviceState:
     @property
     def pace(self) -> float | None:
         """The speed a paced device runs at, or None (see ``Device.pace``)."""
-        if self.throttle != "pace" or self.cpu_quota is None or self.cpu_quota >= 1.0:
-            return None
-        return self.cpu_quota
+        return pace_of(self.throttle, self.cpu_quota)
 
 
 @dataclass(frozen=True)
