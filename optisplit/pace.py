@@ -8,14 +8,15 @@ budget runs at full speed and a long run stalls at period boundaries, so one mod
 quota sandbox depends on how it is called (``bench/quota.py`` measures this). Pacing makes a
 block's time the same in the profiler and in a worker, which is what the cost model needs.
 
-Sleep overshoot is carried over: a sleep that ran long shortens the next one, so many short
-blocks keep the exact pace. The emulated testbed hands the speed to every process it starts as
+Pacing threads ask for tight timers, and the usual wake-up lateness of a sleep is taken off the
+next rest, so many short blocks keep the pace. The emulated testbed hands the speed to every process it starts as
 a paced device through the ``OPTISPLIT_PACE`` environment variable.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,8 +28,23 @@ __all__ = ["ENV", "PacedBlocks", "Pacer", "check_speed", "pace_from_env", "pace_
 ENV = "OPTISPLIT_PACE"
 # Owed rest below this is kept for later: a sleep call costs tens of microseconds by itself.
 _MIN_SLEEP_NS = 50_000
-# Overslept time credited to the next rests, at most this much (a long idle gap is not credit).
+# Overslept time credited to the next rests, at most this much: a thread kept from its core for
+# a moment catches up, but a long stall is not paid back by many blocks running unpaced.
 _MAX_CREDIT_NS = 2_000_000
+# Timer slack of a pacing thread (the kernel's default of 50 us would add to every rest).
+_SLACK_NS = 1_000
+_local = threading.local()
+
+
+def _tight_timers() -> None:
+    """Ask the kernel to wake this thread on time (``PR_SET_TIMERSLACK``; Linux only)."""
+    _local.tight = True
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(29, _SLACK_NS, 0, 0, 0)  # 29: PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        pass
 
 
 def check_speed(speed: float | str, where: str = "pace") -> float:
@@ -71,6 +87,8 @@ class Pacer:
         self._owed_ns += cpu_ns * self._stretch
         if self._owed_ns < _MIN_SLEEP_NS:
             return
+        if not getattr(_local, "tight", False):
+            _tight_timers()
         start = time.perf_counter_ns()
         time.sleep(self._owed_ns / 1e9)
         self._owed_ns = max(self._owed_ns - (time.perf_counter_ns() - start), -_MAX_CREDIT_NS)

@@ -53,17 +53,17 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.10
 RTT_FLOOR_MS = 0.3
 _PROBE_PORT_TIMEOUT_S = 30.0
-# A busy loop in chunks of about a millisecond; a paced device rests after each chunk.
+# A busy loop in chunks of about a millisecond; a paced device rests after each chunk for all
+# the CPU time it used since its last rest (the loop's own bookkeeping included).
 _LOOP = (
     "import sys, time\n"
     "from optisplit.pace import Pacer, pace_from_env\n"
     "speed = pace_from_env(); pacer = None if speed is None else Pacer(speed)\n"
-    "def chunk():\n"
-    "    x = 0\n"
-    "    for i in range(20000): x += i * i\n"
-    "work = float(sys.argv[1]); t = time.perf_counter(); c = time.process_time()\n"
+    "work = float(sys.argv[1]); t = time.perf_counter(); c = last = time.process_time(); x = 0\n"
     "while time.process_time() - c < work:\n"
-    "    chunk() if pacer is None else pacer.run(chunk)\n"
+    "    for i in range(20000): x += i * i\n"
+    "    if pacer is not None:\n"
+    "        now = time.process_time(); pacer.rest(int((now - last) * 1e9)); last = now\n"
     "print(time.perf_counter() - t, time.process_time() - c)\n"
 )
 
