@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from optisplit.errors import RuntimeFailure
@@ -56,7 +57,13 @@ _REPLIES: queue.Queue[Any] = queue.Queue()
 
 
 class _StageHolder:
-    """One stage's module on its worker; calls are serialised (one compute at a time)."""
+    """One stage's module on its worker, computing on one thread of its own, calls in order.
+
+    RPC runs each call on whichever of its handler threads is free; computing there made every
+    handler thread's first calls slow (its own heap arena and kernel scratch memory to fault in)
+    and let waiting calls overtake each other. The handler now hands the tensors to the stage's
+    thread and waits, as the socket worker's compute thread takes frames from its queue.
+    """
 
     def __init__(self, index: int, spec: dict[str, Any], start: int, end: int, nxt: str) -> None:
         from optisplit.pace import pace_from_env
@@ -69,8 +76,15 @@ class _StageHolder:
         )
         self.next = nxt
         self.torch_device = torch_device
-        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{index}")
         _STAGES[index] = self
+
+    def run(self, tensors: tuple[Any, ...]) -> tuple[tuple[Any, ...], float, float]:
+        """The stage's outputs and compute start and end times, computed on its own thread."""
+        from optisplit.runtime.stage import run_stage
+
+        job = self.executor.submit(run_stage, self.module, tensors, self.torch_device)
+        return job.result()
 
     def ready(self) -> bool:
         return True
@@ -82,12 +96,9 @@ def _stage_call(
     """Run stage ``index`` on this worker, then hand the result to the next stage or the sink."""
     import torch.distributed.rpc as rpc
 
-    from optisplit.runtime.stage import run_stage
-
     received = time.perf_counter()
     holder = _STAGES[index]
-    with holder.lock:
-        outputs, begin, end = run_stage(holder.module, tensors, holder.torch_device)
+    outputs, begin, end = holder.run(tensors)
     stamps = (*stamps, received, begin, end, time.perf_counter())
     if holder.next == ORCHESTRATOR:
         future = rpc.rpc_async(ORCHESTRATOR, _deliver, args=(request_id, outputs, stamps))

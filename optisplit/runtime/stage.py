@@ -59,17 +59,24 @@ def tune_allocator() -> bool:
     Every received frame allocates its tensors; with glibc's defaults a buffer of a few hundred
     KiB is a fresh ``mmap`` whose pages fault in while the bytes arrive, which costs more than
     moving them on loopback. A high mmap and trim threshold make those allocations reuse the
-    heap. Returns whether the setting took (False off glibc).
+    heap. One arena for all threads: an RPC stage runs each call on whichever of its handler
+    threads is free, and with an arena per thread every thread's first calls fault in a heap of
+    their own.
+    Returns whether the setting took (False off glibc).
     """
     import ctypes
 
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(m_mmap_threshold, 256 << 20) and mallopt(m_trim_threshold, 512 << 20))
+    return bool(
+        mallopt(m_mmap_threshold, 256 << 20)
+        and mallopt(m_trim_threshold, 512 << 20)
+        and mallopt(m_arena_max, 1)
+    )
 
 
 def build_stage(
