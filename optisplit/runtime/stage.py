@@ -59,10 +59,10 @@ def tune_allocator() -> bool:
     Every received frame allocates its tensors; with glibc's defaults a buffer of a few hundred
     KiB is a fresh ``mmap`` whose pages fault in while the bytes arrive, which costs more than
     moving them on loopback. A high mmap and trim threshold make those allocations reuse the
-    heap. One arena for all threads: an RPC stage runs each call on whichever of its handler
-    threads is free, and with an arena per thread every thread's first calls fault in a heap of
-    their own.
-    Returns whether the setting took (False off glibc).
+    heap. One arena for all threads: tensors arrive on one thread (an RPC handler thread, the
+    socket worker's receiver) and are used and freed on another, and with an arena per thread
+    each thread's first frames fault in a heap of its own. Returns whether the setting took
+    (False off glibc).
     """
     import ctypes
 
