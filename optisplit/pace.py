@@ -1,8 +1,10 @@
 """Pacing: a device slower than this host's core, emulated by resting after each piece of work.
 
 A paced process with speed ``s`` (0 < s <= 1) measures the CPU time ``c`` of each piece of work
-(a block) on its own thread and then sleeps ``c * (1/s - 1)``, so every block takes ``c / s`` of
-wall time and the process uses ``s`` of a core, whether it runs one block or a long pipeline. A
+(a block) on its own thread and then sleeps until the block has taken ``c / s`` of wall time
+(``c * (1/s - 1)`` when it ran without waiting for its core), so the process uses ``s`` of a
+core, whether it runs one block or a long pipeline, and time lost to other work on its core
+comes out of the rest rather than on top of it. A
 CFS quota gives the same long-run share but not per block: a burst shorter than the quota's
 budget runs at full speed and a long run stalls at period boundaries, so one model's time in a
 quota sandbox depends on how it is called (``bench/quota.py`` measures this). Pacing makes a
@@ -79,12 +81,17 @@ class Pacer:
 
     def __init__(self, speed: float) -> None:
         self.speed = check_speed(speed)
-        self._stretch = 1.0 / self.speed - 1.0
         self._owed_ns = 0.0
 
-    def rest(self, cpu_ns: int) -> None:
-        """Sleep off ``cpu_ns`` of work done at full speed (plus what is still owed)."""
-        self._owed_ns += cpu_ns * self._stretch
+    def rest(self, cpu_ns: int, wall_ns: int | None = None) -> None:
+        """Sleep until work of ``cpu_ns`` at full speed has taken ``cpu_ns / speed`` in all.
+
+        ``wall_ns`` is how long the work itself took (default: ``cpu_ns``); time it spent
+        waiting for its core (other devices or processes on it) counts toward the rest, so a
+        paced device is only slowed by others when they leave it less than its speed.
+        """
+        spent = cpu_ns if wall_ns is None else wall_ns
+        self._owed_ns = max(self._owed_ns + cpu_ns / self.speed - spent, -_MAX_CREDIT_NS)
         if self._owed_ns < _MIN_SLEEP_NS:
             return
         if not getattr(_local, "tight", False):
@@ -95,9 +102,9 @@ class Pacer:
 
     def run(self, work: Callable[..., Any], *args: Any) -> Any:
         """``work(*args)``, then the rest its CPU time (on this thread) calls for."""
-        start = time.thread_time_ns()
+        wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
         result = work(*args)
-        self.rest(time.thread_time_ns() - start)
+        self.rest(time.thread_time_ns() - cpu, time.perf_counter_ns() - wall)
         return result
 
 

@@ -75,6 +75,15 @@ def test_pacer_stretches_work_to_its_speed() -> None:
     assert 3 * worked * 0.95 < rested < 3 * worked * 1.5  # late wake-ups on a busy machine
 
 
+def test_time_spent_waiting_for_the_core_counts_toward_the_rest() -> None:
+    pacer = Pacer(0.5)
+    start = time.perf_counter()
+    pacer.rest(4_000_000, 6_000_000)  # 4 ms of work that took 6 ms: 2 ms left of its 8 ms
+    assert 0.0018 < time.perf_counter() - start < 0.0045
+    pacer.rest(4_000_000, 12_000_000)  # took longer than 8 ms anyway: no rest, a little credit
+    assert pacer._owed_ns < 0
+
+
 def test_pacer_keeps_small_rests_for_later() -> None:
     pacer = Pacer(0.5)
     start = time.perf_counter_ns()

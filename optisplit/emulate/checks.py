@@ -59,11 +59,14 @@ _LOOP = (
     "import sys, time\n"
     "from optisplit.pace import Pacer, pace_from_env\n"
     "speed = pace_from_env(); pacer = None if speed is None else Pacer(speed)\n"
-    "work = float(sys.argv[1]); t = time.perf_counter(); c = last = time.process_time(); x = 0\n"
+    "work = float(sys.argv[1]); t = t_last = time.perf_counter()\n"
+    "c = last = time.process_time(); x = 0\n"
     "while time.process_time() - c < work:\n"
     "    for i in range(20000): x += i * i\n"
     "    if pacer is not None:\n"
-    "        now = time.process_time(); pacer.rest(int((now - last) * 1e9)); last = now\n"
+    "        now, t_now = time.process_time(), time.perf_counter()\n"
+    "        pacer.rest(int((now - last) * 1e9), int((t_now - t_last) * 1e9))\n"
+    "        last, t_last = now, time.perf_counter()\n"
     "print(time.perf_counter() - t, time.process_time() - c)\n"
 )
 
