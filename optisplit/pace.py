@@ -3,16 +3,16 @@
 A paced process with speed ``s`` (0 < s <= 1) measures the CPU time ``c`` of each piece of work
 (a block) on its own thread and then sleeps until the block has taken ``c / s`` of wall time
 (``c * (1/s - 1)`` when it ran without waiting for its core), so the process uses ``s`` of a
-core, whether it runs one block or a long pipeline, and time lost to other work on its core
-comes out of the rest rather than on top of it. A
-CFS quota gives the same long-run share but not per block: a burst shorter than the quota's
-budget runs at full speed and a long run stalls at period boundaries, so one model's time in a
-quota sandbox depends on how it is called (``bench/quota.py`` measures this). Pacing makes a
-block's time the same in the profiler and in a worker, which is what the cost model needs.
+core whether it runs one block or a long pipeline, and time lost to other work on its core comes
+out of the rest rather than on top of it. A CFS quota gives the same long-run share but not per
+block: a burst shorter than the quota's budget runs at full speed and a long run stalls at
+period boundaries, so one model's time in a quota sandbox depends on how it is called
+(``bench/quota.py`` measures this). Pacing makes a block's time the same in the profiler and in
+a worker, which is what the cost model needs.
 
 Pacing threads ask for tight timers, and the usual wake-up lateness of a sleep is taken off the
-next rest, so many short blocks keep the pace. The emulated testbed hands the speed to every process it starts as
-a paced device through the ``OPTISPLIT_PACE`` environment variable.
+next rest, so many short blocks keep the pace. The emulated testbed hands the speed to every
+process it starts as a paced device through the ``OPTISPLIT_PACE`` environment variable.
 """
 
 from __future__ import annotations

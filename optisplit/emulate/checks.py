@@ -387,7 +387,7 @@ def check_device(state: TestbedState, name: str) -> DeviceCheck:
         speed,
         expected,
         problem,
-        device.throttle,
+        throttle=device.throttle,
     )
 
 
@@ -439,7 +439,7 @@ def check_testbed(
     state = sandbox.running(testbed) if sandbox.is_root() else None
     if state is None:
         fallback = tuple(
-            DeviceCheck(name, "127.0.0.1", d.cores, d.cpu_quota, None, None, None, d.throttle)
+            DeviceCheck(name, "127.0.0.1", d.cores, d.cpu_quota, None, None, throttle=d.throttle)
             for name, d in sorted(testbed.devices.items())
         )
         return CheckReport(testbed.name, False, "none (loopback)", fallback, ())
@@ -464,7 +464,7 @@ def check_testbed(
         else:
             d = state.devices[name]
             device_checks.append(
-                DeviceCheck(name, d.address, d.cores, d.cpu_quota, None, None, None, d.throttle)
+                DeviceCheck(name, d.address, d.cores, d.cpu_quota, None, None, throttle=d.throttle)
             )
     link_checks = _check_links(state, pair_paths(testbed) if links else [], done)
     return CheckReport(

@@ -301,7 +301,7 @@ def cfs_quota(device: DeviceState) -> float | None:
     A paced device limits itself (its group still weighs and collects its processes). A quota
     of at least as many cores as the device is pinned to limits nothing, but the kernel still
     throttles it: CFS hands out quota in 5 ms slices per CPU, and a device at quota 1.0 on one
-    core was throttled in 26 % of its periods (7 s over a validation run), its stages ~15 %
+    core was throttled in 26 % of its periods (7 s over a validation run), its stages 13-20 %
     slower than profiled.
     """
     if device.throttle == "pace" or device.cpu_quota is None:
