@@ -190,7 +190,7 @@ def profile_chain(
     from optisplit.runtime.stage import tune_allocator
 
     # Heap settings as in a worker: without them a fresh activation buffer is a fresh mmap whose
-    # pages fault in, which costs mobilenet_v2 ~15 % more time than the worker's stage takes.
+    # pages fault in: mobilenet_v2 takes ~1.4 times as long as in a worker (bench/allocator.py).
     tune_allocator()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
