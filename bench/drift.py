@@ -36,6 +36,7 @@ def _median_cpu_ms(work: Callable[[], object], runs: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=90.0)
+    parser.add_argument("--window", type=float, default=5.0, help="seconds per window median")
     args = parser.parse_args()
 
     import numpy as np
@@ -68,8 +69,11 @@ def main() -> int:
         for work, _ in workloads.values():
             for _ in range(3):
                 work()
-        end = time.monotonic() + args.seconds
+        start = time.monotonic()
+        end = start + args.seconds
+        stamps: list[float] = []
         while time.monotonic() < end:
+            stamps.append(time.monotonic() - start)
             rows.append([_median_cpu_ms(work, runs) for work, runs in workloads.values()])
     table = np.array(rows)
     names = list(workloads)
@@ -81,6 +85,14 @@ def main() -> int:
         lo, mid, hi = float(col.min()), float(np.median(col)), float(col.max())
         summary[name] = {"min_ms": lo, "median_ms": mid, "max_ms": hi}
         print(f"{name:<14}{lo:>8.2f}{mid:>8.2f}{hi:>8.2f}{hi / lo:>9.2f}")
+    # slow wander or brief spikes? medians over windows of --window seconds
+    windows = np.floor(np.array(stamps) / args.window).astype(int)
+    print(f"medians of {args.window:.0f}-s windows: min / max (max/min)")
+    window_medians = {}
+    for i, name in enumerate(names):
+        meds = [float(np.median(table[windows == w, i])) for w in np.unique(windows)]
+        window_medians[name] = meds
+        print(f"{name:<14}{min(meds):>8.2f}{max(meds):>8.2f}{max(meds) / min(meds):>9.2f}")
     corr = np.corrcoef(table.T)
     print("correlation of the workloads' times:")
     print(" " * 14 + "".join(f"{n[:12]:>13}" for n in names))
@@ -94,6 +106,9 @@ def main() -> int:
         "workloads": summary,
         "correlation": corr.tolist(),
         "names": names,
+        "window_s": args.window,
+        "window_medians": window_medians,
+        "series": {"t_s": stamps, **{n: table[:, i].tolist() for i, n in enumerate(names)}},
     }
     out.write_text(json.dumps(document, indent=2))
     return 0

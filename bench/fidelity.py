@@ -9,7 +9,8 @@ with the CPU clock (immune to other processes on a shared host; the cost model d
 times by the device's CPU quota).
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
-        [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--clock cpu]
+        [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
+        [--repeats 40] [--spread 20] [--clock cpu] [--reprofile]
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).
@@ -49,6 +50,24 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="validation rounds: every front plan measured this many times, plans taking turns",
+    )
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=20.0,
+        help="seconds each device's profile is spread over (optisplit profile --spread)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=40,
+        help="profile rounds per device (spread over up to 10 s: this host's speed wanders)",
+    )
+    parser.add_argument(
         "--clock",
         default="cpu",
         choices=("cpu", "wall"),
@@ -65,14 +84,17 @@ def _args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _profile(bed: Testbed, model: str, root: str, clock: str, reprofile: bool) -> None:
+def _profile(
+    bed: Testbed, model: str, root: str, reprofile: bool, args: argparse.Namespace
+) -> None:
     """Profile ``model`` on every device inside its sandbox (the testbed is up)."""
     for device in sorted({d.profile for d in bed.devices.values()}):
         if profile_path(root, device, model, 1).is_file() and not reprofile:
             continue
         argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
         argv += ["--testbed", str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml")]
-        argv += ["--out", root, "--clock", clock, "--json"]
+        argv += ["--out", root, "--clock", args.clock, "--repeats", str(args.repeats)]
+        argv += ["--spread", str(args.spread), "--json"]
         subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -140,6 +162,7 @@ def _case(
         backend=backend,
         requests=args.requests,
         warmup=args.warmup,
+        rounds=args.rounds,
         profiles_root=args.profiles,
         out_dir=RESULTS / "fidelity" / f"{bed.name}-{condition}-{model}-{backend}",
     )
@@ -217,7 +240,7 @@ def main() -> int:
         try:
             emulate.up(apply_condition(base, "lan"), check=not args.skip_checks)
             for model in models:
-                _profile(base, model, args.profiles, args.clock, args.reprofile)
+                _profile(base, model, args.profiles, args.reprofile, args)
             reprofile = False  # just measured
             backends = args.backends.split(",")
             overheads = {
@@ -228,10 +251,10 @@ def main() -> int:
             for condition in args.conditions.split(","):
                 bed = apply_condition(base, condition)
                 emulate.up(bed, check=not args.skip_checks)
-                for model in models:  # fresh profiles: this host's speed drifts over minutes
-                    _profile(base, model, args.profiles, args.clock, reprofile)
-                reprofile = args.reprofile
                 for model in models:
+                    # fresh profiles right before the model's cases: this host's speed drifts
+                    _profile(base, model, args.profiles, reprofile, args)
+                    reprofile = args.reprofile
                     for backend in backends:
                         rows.append(
                             _case(bed, condition, model, backend, overheads[backend], args)
@@ -253,6 +276,9 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], started: float)
     summary = {
         "requests": args.requests,
         "warmup": args.warmup,
+        "rounds": args.rounds,
+        "profile_repeats": args.repeats,
+        "profile_spread_s": args.spread,
         "clock": args.clock,
         "seconds": seconds,
         "cases": rows,

@@ -94,10 +94,10 @@ def run_pipelines(requests: int) -> list[dict[str, Any]]:
 
 
 def _pipeline_row(model: str, plan: str, backend: str, m: Any) -> dict[str, Any]:
-    tput_rows = [r for r in m.rows if r[0] == "throughput"]
+    tput_rows = [r for r in m.rows if r[1] == "throughput"]
     # the mean, not the median: a stage's rate is set by its mean service time
     compute_tput = [
-        statistics.fmean((r[3 + 4 * i + 2] - r[3 + 4 * i + 1]) * 1e3 for r in tput_rows)
+        statistics.fmean((r[4 + 4 * i + 2] - r[4 + 4 * i + 1]) * 1e3 for r in tput_rows)
         for i in range(len(m.devices))
     ]
     compute_lat = [s["compute_ms"] for s in m.stages]

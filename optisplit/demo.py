@@ -102,6 +102,7 @@ def run_demo(
     requests: int = 10,
     warmup: int = 2,
     profile_repeats: int = 15,
+    profile_spread_s: float = 10.0,
     reprofile: bool = False,
     study_name: str | None = None,
     check: bool = True,
@@ -144,6 +145,7 @@ def run_demo(
                 requests=requests,
                 warmup=warmup,
                 profile_repeats=profile_repeats,
+                profile_spread_s=profile_spread_s,
                 reprofile=reprofile,
                 step=step,
                 seconds=seconds,
@@ -166,6 +168,7 @@ def _run_steps(
     requests: int,
     warmup: int,
     profile_repeats: int,
+    profile_spread_s: float,
     reprofile: bool,
     step: StepCallback,
     seconds: dict[str, float],
@@ -179,7 +182,15 @@ def _run_steps(
     with _timed(seconds, "profile"):
         for device in sorted({d.profile for d in bed.devices.values()}):
             step("profile", f"profiling {model} on {device}")
-            _profile(model, bed, testbed_file, device, profiles_root, profile_repeats, reprofile)
+            _profile(
+                model,
+                bed,
+                testbed_file,
+                device,
+                profiles_root,
+                (profile_repeats, profile_spread_s),
+                reprofile,
+            )
     with _timed(seconds, "search"):
         step("search", "searching the exact front")
         study, front = _search(model, bed, url, name, profiles_root)
@@ -221,7 +232,13 @@ def _run_steps(
 
 
 def _profile(
-    model: str, bed: Testbed, bed_file: str, device: str, root: str, repeats: int, reprofile: bool
+    model: str,
+    bed: Testbed,
+    bed_file: str,
+    device: str,
+    root: str,
+    rounds: tuple[int, float],
+    reprofile: bool,
 ) -> None:
     """Profile ``model`` on ``device`` inside its sandbox, unless its profile exists."""
     from optisplit.profile import profile_path
@@ -231,8 +248,9 @@ def _profile(
         log.info("reusing %s", path)
         return
     argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
+    repeats, spread_s = rounds
     argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats), "--clock", "cpu"]
-    argv += ["--json"]
+    argv += ["--spread", str(spread_s), "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]

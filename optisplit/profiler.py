@@ -73,6 +73,7 @@ def profile_model(
     on_progress: Progress | None = None,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     pace: float | None = None,
+    spread_s: float = 0.0,
 ) -> BlockProfile:
     """Build a zoo (or user) model, trace it and profile it on this host as ``device``.
 
@@ -102,6 +103,7 @@ def profile_model(
         sandbox=False,
         max_seconds=max_seconds,
         pace=pace,
+        spread_s=spread_s,
     )
 
 
@@ -119,6 +121,7 @@ def profile_module(
     on_progress: Progress | None = None,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     pace: float | None = None,
+    spread_s: float = 0.0,
 ) -> BlockProfile:
     """Profile a user's ``nn.Module`` on this host; the module itself is never touched."""
     from optisplit.chain import trace
@@ -136,6 +139,7 @@ def profile_module(
         sandbox=False,
         max_seconds=max_seconds,
         pace=pace,
+        spread_s=spread_s,
     )
 
 
@@ -151,6 +155,7 @@ def profile_chain(
     sandbox: bool = True,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     pace: float | None = None,
+    spread_s: float = 0.0,
 ) -> BlockProfile:
     """Profile every block of ``chain`` and the whole model on this host as ``device``.
 
@@ -170,12 +175,19 @@ def profile_chain(
             default profile of a slow model (vgg16) short while fast models get every round.
         pace: the speed of a paced device (:mod:`optisplit.pace`): each block, and the whole
             model, rests after it ran, as in a paced worker; the wall clock counts the rest.
+        spread_s: spread the timed rounds evenly over at least this many seconds, idle in
+            between, so that the medians describe the device over that span rather than over
+            the moment a back-to-back profile takes: a shared host's speed wanders by 10-20 %
+            over seconds (``bench/drift.py``), a Pi's with its temperature. ``max_seconds``
+            then counts from the end of the spread.
     """
     import torch
 
     from optisplit.chain import trace
 
     _check_counts(threads, warmup, repeats)
+    if not spread_s >= 0:
+        raise UsageError(f"spread must be at least 0 seconds, got {spread_s}")
     timer = _timer(clock, threads)
     pacer = None if pace is None else Pacer(pace)
     if pacer is not None and threads != 1:
@@ -197,7 +209,7 @@ def profile_chain(
     try:
         with torch.inference_mode():
             block_ms, whole_ms, mem = _measure(
-                chain, warmup, repeats, timer, on_progress, max_seconds, pacer
+                chain, warmup, repeats, timer, on_progress, max_seconds, pacer, spread_s
             )
     finally:
         torch.set_num_threads(previous)
@@ -207,6 +219,8 @@ def profile_chain(
         "repeats": len(whole_ms),
         "clock": clock,
     }
+    if spread_s > 0:
+        settings["spread_s"] = spread_s
     if pace is not None:
         settings["pace"] = pace
     return _build_profile(chain, device, settings, block_ms, whole_ms, mem)
@@ -239,8 +253,13 @@ def _measure(
     on_progress: Progress | None,
     max_seconds: float | None = None,
     pacer: Pacer | None = None,
+    spread_s: float = 0.0,
 ) -> tuple[list[list[float]], list[float], list[int]]:
-    """Interleaved timing rounds; returns per-block times, whole-model times, peak memory."""
+    """Interleaved timing rounds; returns per-block times, whole-model times, peak memory.
+
+    With ``spread_s``, timed round ``k`` starts no earlier than ``k * spread_s / repeats``
+    seconds after the first.
+    """
     stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
     inputs = _capture_inputs(stages, chain.example_inputs)
     whole = _Timed(chain.model, chain.example_inputs, timer, pacer)
@@ -250,13 +269,20 @@ def _measure(
     gc.collect()
     gc.disable()
     deadline = None
+    first = 0.0
     try:
         for round_ in range(total):
-            if round_ == warmup and max_seconds is not None:
-                deadline = time.monotonic() + max_seconds
             timed = round_ - warmup
+            if round_ == warmup:
+                first = time.monotonic()
+                if max_seconds is not None:
+                    deadline = first + spread_s + max_seconds
             if deadline is not None and timed >= MIN_REPEATS and time.monotonic() > deadline:
                 break
+            if timed > 0 and spread_s > 0:
+                pause = first + timed * spread_s / repeats - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
             times = _run_blocks(stages, chain.example_inputs, timer, pacer)
             ms = whole.run()
             if round_ >= warmup:

@@ -6,7 +6,9 @@ worker processes otherwise), measure latency and throughput as defined in
 result as it goes: the study trial's ``measured_<backend>`` attribute, a per-request timestamp
 CSV and ``validate-<backend>.json`` under the output folder. A failed plan (worker killed,
 timeout, bad frame) is recorded with its reason and the run goes on; ``resume`` skips plans
-already measured without error.
+already measured without error. With ``rounds`` > 1 every plan is measured that many times,
+the plans taking turns, and the medians over its rounds are reported (a slow spell of a shared
+host or a warming device then spreads over all plans instead of biasing the one measured in it).
 
 Where the testbed's source (sink) device is not the plan's first (last) device, a relay stage on
 that device receives the input (delivers the output), so the input crosses the source -> device
@@ -76,6 +78,7 @@ def validate_plans(
     requests: int = 20,
     warmup: int = 3,
     depth: int | None = None,
+    rounds: int = 1,
     study: optuna.Study | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -99,6 +102,10 @@ def validate_plans(
     Args:
         testbed: a Testbed or the name/path of one.
         backend: socket, rpc or inprocess.
+        rounds: measure every plan this many times, interleaved (each round deploys and
+            measures every plan in turn), and report the medians over the rounds
+            (:func:`optisplit.runtime.measure.merge_rounds`). A plan that fails in a round is
+            reported failed and not measured again.
         study: where ``measured_<backend>`` is recorded (the plans must be in it).
         out_dir: folder for the timestamp CSVs and results (default ``studies/<study>/`` or
             ``studies/adhoc-<timestamp>/``).
@@ -110,6 +117,8 @@ def validate_plans(
     from optisplit.runtime import backend_class
     from optisplit.testbed import load_testbed
 
+    if rounds < 1:
+        raise UsageError(f"rounds must be at least 1, got {rounds}")
     bed = load_testbed(testbed) if isinstance(testbed, str) else testbed
     backend_cls = backend_class(backend)
     spec = _model_spec(model_name, batch_size, granularity, module, weights, seed)
@@ -120,24 +129,40 @@ def validate_plans(
     folder = Path(out_dir) if out_dir else _default_out_dir(study)
     results_file = folder / f"validate-{backend}.json"
     done = _previous_results(results_file, study, backend) if resume else {}
-    results: list[dict[str, Any]] = []
     todo = [p for p in parsed if str(p) not in done]
+    parts: dict[str, list[Measurement]] = {str(p): [] for p in todo}
+    predicted: dict[str, dict[str, float] | None] = {}
+    outcome: dict[str, dict[str, Any]] = {
+        key: {**result, "resumed": True} for key, result in done.items()
+    }
     run = _Run(bed, spec, backend, backend_cls, token, torch_device, todo)
     try:
-        for plan in parsed:
-            if str(plan) in done:
-                results.append({**done[str(plan)], "resumed": True})
-                continue
-            result = run.one(plan, requests, warmup, depth, timeout_s, on_progress, folder)
-            result["predicted"] = _predicted(
-                model_name, bed, plan, batch_size, granularity, profiles_root
-            )
-            results.append(result)
-            _record(study, backend, result)
-            write_json(results_file, _results_doc(model_name, bed, backend, results))
+        for round_ in range(1, rounds + 1):
+            for plan in todo:
+                key = str(plan)
+                if outcome.get(key, {}).get("error") is not None:
+                    continue  # failed in an earlier round: not measured again
+                label = key if rounds == 1 else f"{key} (round {round_}/{rounds})"
+                result = run.one(
+                    plan, requests, warmup, depth, timeout_s, on_progress, label, round_
+                )
+                if isinstance(result, str):
+                    error = result
+                else:
+                    parts[key].append(result)
+                    error = None
+                if key not in predicted:
+                    predicted[key] = _predicted(
+                        model_name, bed, plan, batch_size, granularity, profiles_root
+                    )
+                outcome[key] = _result(key, parts[key], error, folder, backend)
+                outcome[key]["predicted"] = predicted[key]
+                _record(study, backend, outcome[key])
+                ordered = [outcome[str(p)] for p in parsed if str(p) in outcome]
+                write_json(results_file, _results_doc(model_name, bed, backend, ordered))
     finally:
         run.close()
-    return results
+    return [outcome[str(p)] for p in parsed]
 
 
 def _model_spec(
@@ -249,29 +274,20 @@ class _Run:
         depth: int | None,
         timeout_s: float,
         on_progress: ProgressCallback | None,
-        folder: Path,
-    ) -> dict[str, Any]:
-        text = str(plan)
-        result: dict[str, Any] = {
-            "plan": text,
-            "predicted": None,
-            "measured": None,
-            "outputs_match": None,
-            "error": None,
-        }
+        label: str,
+        round_: int,
+    ) -> Measurement | str:
+        """Deploy and measure ``plan`` once; the measurement, or why the plan failed."""
         try:
-            measured = self._measure(plan, requests, warmup, depth, timeout_s, on_progress)
+            measured = self._measure(
+                plan, requests, warmup, depth, timeout_s, on_progress, label, round_
+            )
         except (RuntimeFailure, OSError) as exc:
-            log.warning("plan %s failed: %s", text, exc)
-            result["error"] = str(exc)
-            return result
-        result["measured"] = measured.to_dict()
-        result["outputs_match"] = measured.outputs_match
-        result["max_abs_diff"] = measured.max_abs_diff
-        result["timestamps_csv"] = str(_write_csv(folder, self.backend_name, plan, measured))
+            log.warning("plan %s failed: %s", plan, exc)
+            return str(exc)
         if on_progress is not None:
-            on_progress(text, "done", 1, 1)
-        return result
+            on_progress(label, "done", 1, 1)
+        return measured
 
     def _measure(
         self,
@@ -281,18 +297,19 @@ class _Run:
         depth: int | None,
         timeout_s: float,
         on_progress: ProgressCallback | None,
+        label: str,
+        round_: int,
     ) -> Measurement:
         from optisplit.runtime.measure import measure
 
-        text = str(plan)
         if on_progress is not None:
-            on_progress(text, "deploy", 0, 1)
+            on_progress(label, "deploy", 0, 1)
         if self.workers is not None:
             self.addresses = self.workers.start()  # restarts any worker that died
         stages = plan_placements(plan, self.testbed, self.addresses)
         inputs, expected, _ = _REFERENCE_CACHE.get(self.spec) or _cache_reference(self.spec)
         tick = (
-            None if on_progress is None else (lambda phase, i, n: on_progress(text, phase, i, n))
+            None if on_progress is None else (lambda phase, i, n: on_progress(label, phase, i, n))
         )
         with self.backend.deploy(self.spec, stages) as deployment:
             return measure(
@@ -307,6 +324,7 @@ class _Run:
                 source=self.testbed.source,
                 sink=self.testbed.sink,
                 on_request=tick,
+                round_=round_,
             )
 
     def close(self) -> None:
@@ -349,14 +367,36 @@ def _predicted(
     return {"latency_ms": evaluation.latency_ms, "throughput_rps": evaluation.throughput_rps}
 
 
-def _write_csv(folder: Path, backend: str, plan: Plan, measured: Measurement) -> Path:
+def _result(
+    plan: str, parts: Sequence[Measurement], error: str | None, folder: Path, backend: str
+) -> dict[str, Any]:
+    """The result dict of a plan measured in ``parts`` rounds so far (``error``: it failed)."""
+    from optisplit.runtime.measure import merge_rounds
+
+    result: dict[str, Any] = {
+        "plan": plan,
+        "predicted": None,
+        "measured": None,
+        "outputs_match": None,
+        "error": error,
+    }
+    if parts:
+        measured = merge_rounds(parts)
+        result["measured"] = measured.to_dict()
+        result["outputs_match"] = measured.outputs_match
+        result["max_abs_diff"] = measured.max_abs_diff
+        result["timestamps_csv"] = str(_write_csv(folder, backend, plan, measured))
+    return result
+
+
+def _write_csv(folder: Path, backend: str, plan: str, measured: Measurement) -> Path:
     from optisplit.runtime.measure import stamp_columns
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(stamp_columns(measured.devices))
     writer.writerows(measured.rows)
-    path = folder / f"timestamps-{backend}-{_slug(str(plan))}.csv"
+    path = folder / f"timestamps-{backend}-{_slug(plan)}.csv"
     atomic_write_text(path, buffer.getvalue())
     return path
 

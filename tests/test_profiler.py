@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,8 @@ def test_bad_arguments() -> None:
         profile_chain(chain, device="host", repeats=0)
     with pytest.raises(UsageError, match="threads must be at least 1"):
         profile_chain(chain, device="host", threads=0)
+    with pytest.raises(UsageError, match="spread must be at least 0 seconds"):
+        profile_chain(chain, device="host", spread_s=-1.0)
 
 
 def test_time_budget_stops_rounds_early_but_keeps_the_minimum() -> None:
@@ -94,3 +98,32 @@ def test_time_budget_stops_rounds_early_but_keeps_the_minimum() -> None:
         "tiny", module="tests.models:tiny_cnn", device="box", warmup=0, repeats=7, max_seconds=None
     )
     assert full.provenance["repeats"] == 7
+
+
+def test_spread_spaces_the_timed_rounds_over_the_span() -> None:
+    starts: list[float] = []
+    spread = profile_model(
+        "tiny",
+        module="tests.models:tiny_cnn",
+        device="box",
+        warmup=1,
+        repeats=5,
+        spread_s=1.0,
+        on_progress=lambda done, total: starts.append(time.monotonic()),
+    )
+    assert spread.provenance["repeats"] == 5 and spread.provenance["spread_s"] == 1.0
+    # progress comes after each round: rounds 2..5 begin 0.2 s apart, after the pause
+    gaps = [b - a for a, b in itertools.pairwise(starts[1:])]
+    assert all(gap >= 0.19 for gap in gaps), gaps
+    assert starts[-1] - starts[1] >= 0.79
+    # a spread longer than the time budget still runs every round it spaces out
+    capped = profile_model(
+        "tiny",
+        module="tests.models:tiny_cnn",
+        device="box",
+        warmup=0,
+        repeats=6,
+        spread_s=0.6,
+        max_seconds=0.0,
+    )
+    assert capped.provenance["repeats"] == 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -102,11 +103,46 @@ def test_json_keys_predictions_and_timestamps(tmp_path: Path) -> None:
     assert second["measured"]["requests"] == 3 + 4
     with open(first["timestamps_csv"], newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0][:3] == ["phase", "request_id", "sent"] and rows[0][-1] == "received"
+    assert rows[0][:4] == ["round", "phase", "request_id", "sent"]
+    assert rows[0][-1] == "received"
     assert "s1_d1_compute_end" in rows[0]
     assert len(rows) == 1 + 3 + 8  # depth 4: the throughput phase runs 2 x 4 requests
     saved = json.loads((tmp_path / "out" / "validate-inprocess.json").read_text())
     assert [r["plan"] for r in saved["results"]] == [first["plan"], second["plan"]]
+
+
+@pytest.mark.slow
+def test_rounds_interleave_plans_and_report_medians(tmp_path: Path) -> None:
+    _profiles(tmp_path / "profiles")
+    out = _cli(
+        "--testbed", str(_testbed(tmp_path)),
+        "--backend", "inprocess",
+        "--plan", "d0[0:2] -> d1[2:6]",
+        "--plan", "d1[0:6]",
+        "--requests", "3", "--warmup", "1", "--rounds", "3",
+        "--out", str(tmp_path / "out"),
+        "--json",
+    )  # fmt: skip
+    first, second = json.loads(out.stdout)["results"]
+    rounds = first["measured"]["rounds"]
+    assert len(rounds) == 3
+    assert first["measured"]["throughput_rps"] == statistics.median(
+        r["throughput_rps"] for r in rounds
+    )
+    assert second["measured"]["requests"] == 3 * (3 + 4)
+    with open(first["timestamps_csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * (3 + 8)
+    assert [r["round"] for r in rows[::11]] == ["1", "2", "3"]
+    pooled = [
+        (float(r["received"]) - float(r["sent"])) * 1e3 for r in rows if r["phase"] == "latency"
+    ]
+    assert first["measured"]["latency_ms"] == pytest.approx(statistics.median(pooled))
+    # the plans took turns: the first plan's second round began after the second plan's first
+    with open(second["timestamps_csv"], newline="") as handle:
+        other = list(csv.DictReader(handle))
+    other_first = [float(r["received"]) for r in other if r["round"] == "1"]
+    assert float(rows[11]["sent"]) > max(other_first) > float(rows[10]["received"])
 
 
 @pytest.mark.slow

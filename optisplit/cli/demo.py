@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from optisplit.cli._common import add_json_flag, positive_int, print_json, print_table, progress
+from optisplit.cli._common import (
+    add_json_flag,
+    non_negative_float,
+    positive_int,
+    print_json,
+    print_table,
+    progress,
+)
 
 if TYPE_CHECKING:
     from optisplit.demo import DemoResult
@@ -39,6 +46,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--warmup", type=positive_int, default=2, help="warm-up requests per plan")
     parser.add_argument(
         "--repeats", type=positive_int, default=15, help="timed rounds per block when profiling"
+    )
+    parser.add_argument(
+        "--spread",
+        type=non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="spread each device's profile over this many seconds (default 10; see "
+        "'optisplit profile --help')",
     )
     parser.add_argument(
         "--reprofile", action="store_true", help="measure profiles even when they exist"
@@ -75,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             requests=args.requests,
             warmup=args.warmup,
             profile_repeats=args.repeats,
+            profile_spread_s=args.spread,
             reprofile=args.reprofile,
             study_name=args.study,
             check=not args.skip_checks,

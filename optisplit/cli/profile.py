@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from optisplit.cli._common import (
     add_json_flag,
+    non_negative_float,
     non_negative_int,
     positive_int,
     print_json,
@@ -68,6 +69,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     parser.add_argument(
+        "--spread",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="spread the timed rounds evenly over this many seconds, idle in between: medians "
+        "of the device over that span, not of one moment (shared hosts and warming devices "
+        "drift; default 0: back to back)",
+    )
+    parser.add_argument(
         "--granularity", choices=("coarse", "fine"), default="coarse", help="default: coarse"
     )
     parser.add_argument(
@@ -119,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             on_progress=lambda done, total: bar.advance(),
             max_seconds=args.max_seconds if args.max_seconds > 0 else None,
+            spread_s=args.spread,
             pace=pace_from_env(),  # set when run as a paced device of an emulated testbed
         )
     path = save_profile(result, target)
@@ -178,7 +189,7 @@ def _inner_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     argv += ["--granularity", args.granularity, "--out", str(Path(args.out).resolve())]
     argv += ["--seed", str(args.seed), "--clock", args.clock]
-    argv += ["--max-seconds", str(args.max_seconds)]
+    argv += ["--max-seconds", str(args.max_seconds), "--spread", str(args.spread)]
     if args.module:
         argv += ["--module", args.module]
     if args.weights:

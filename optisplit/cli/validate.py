@@ -71,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--depth", type=positive_int, help="requests in flight for throughput (default 2 x stages)"
     )
     parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="measure every plan N times, the plans taking turns, and report the medians "
+        "(guards against a host or network that drifts during the run; default 1)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="skip plans already measured without error"
     )
     parser.add_argument(
@@ -141,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
             requests=args.requests,
             warmup=args.warmup,
             depth=args.depth,
+            rounds=args.rounds,
             study=study,
             out_dir=args.out,
             resume=args.resume,

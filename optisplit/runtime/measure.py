@@ -16,7 +16,7 @@ Definitions (DESIGN §5):
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,10 @@ from optisplit.runtime.base import STAMPS_PER_STAGE, Deployment, Reply
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Measurement", "measure", "stamp_columns"]
+__all__ = ["Measurement", "measure", "merge_rounds", "stamp_columns"]
+
+_SENT = 3
+"""Column of a timestamp row holding the time the request was sent (see :func:`stamp_columns`)."""
 
 OnRequest = Callable[[str, int, int], None]
 """Called after each completed request with (phase, done, total)."""
@@ -48,9 +51,12 @@ class Measurement:
     devices: list[str] = field(default_factory=list)
     """Devices of the deployed stages in timestamp order (relays included)."""
     rows: list[list[Any]] = field(default_factory=list, repr=False)
+    """Timestamp rows (see :func:`stamp_columns`), every round's in order."""
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    """Each round's ``latency_ms`` and ``throughput_rps`` (empty for a single measurement)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "latency_ms": self.latency_ms,
             "latency_p95_ms": self.latency_p95_ms,
             "throughput_rps": self.throughput_rps,
@@ -59,12 +65,20 @@ class Measurement:
             "stages": self.stages,
             "transfers": self.transfers,
         }
+        if self.rounds:
+            out["rounds"] = self.rounds
+        return out
+
+    def latencies_ms(self) -> list[float]:
+        """Latency-phase request latencies, in milliseconds, sorted."""
+        return sorted((r[-1] - r[_SENT]) * 1e3 for r in self.rows if r[1] == "latency")
 
 
 def stamp_columns(devices: Sequence[str]) -> list[str]:
-    """CSV header of the timestamp rows: phase, request id, sent, per-stage stamps, received."""
+    """CSV header of the timestamp rows: round, phase, request id, sent, per-stage stamps,
+    received (times in seconds)."""
     per_stage = ("recv", "compute_start", "compute_end", "send")
-    cols = ["phase", "request_id", "sent"]
+    cols = ["round", "phase", "request_id", "sent"]
     for i, device in enumerate(devices):
         cols += [f"s{i}_{device}_{name}" for name in per_stage]
     return [*cols, "received"]
@@ -109,6 +123,7 @@ def measure(
     source: str = "source",
     sink: str = "sink",
     on_request: OnRequest | None = None,
+    round_: int = 1,
 ) -> Measurement:
     """Run the latency phase then the throughput phase on ``deployment``.
 
@@ -117,6 +132,7 @@ def measure(
         expected: the single-process outputs for ``inputs`` (None: not checked).
         depth: requests in flight in the throughput phase (default 2 × stages).
         source, sink: device names for the first and last hop in ``transfers``.
+        round_: the round number written in the timestamp rows.
 
     Raises:
         RuntimeFailure: a stage failed or a reply did not come within ``timeout_s``.
@@ -126,13 +142,15 @@ def measure(
     depth = depth or 2 * len(deployment.stages)
     checker = _Checker(expected)
     deployment.reset_stats()
-    lat_rows = _latency_phase(deployment, inputs, checker, requests, warmup, timeout_s, on_request)
+    lat_rows = _latency_phase(
+        deployment, inputs, checker, requests, warmup, timeout_s, on_request, round_
+    )
     stats = deployment.stats()
     tput_requests = max(requests, 2 * depth)
     tput_rows, rps = _throughput_phase(
-        deployment, inputs, checker, tput_requests, warmup, depth, timeout_s, on_request
+        deployment, inputs, checker, tput_requests, warmup, depth, timeout_s, on_request, round_
     )
-    latencies = sorted((r[-1] - r[2]) * 1e3 for r in lat_rows)
+    latencies = sorted((r[-1] - r[_SENT]) * 1e3 for r in lat_rows)
     return Measurement(
         latency_ms=statistics.median(latencies),
         latency_p95_ms=_quantile(latencies, 0.95),
@@ -148,6 +166,50 @@ def measure(
     )
 
 
+def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
+    """One plan's measurements of several rounds as one (see the module docstring)."""
+    if not parts:
+        raise ValueError("no rounds to merge")
+    if len(parts) == 1:
+        return parts[0]
+    latencies = sorted(ms for p in parts for ms in p.latencies_ms())
+    first = parts[0]
+    stages = []
+    for j, stage in enumerate(first.stages):
+        cpu = [p.stages[j]["cpu_percent"] for p in parts if p.stages[j]["cpu_percent"] is not None]
+        stages.append(
+            {
+                **stage,
+                "compute_ms": statistics.median(p.stages[j]["compute_ms"] for p in parts),
+                "cpu_percent": statistics.median(cpu) if cpu else None,
+                "memory_bytes": _max_or_none(p.stages[j]["memory_bytes"] for p in parts),
+            }
+        )
+    transfers = []
+    for j, hop in enumerate(first.transfers):
+        ms = [p.transfers[j]["ms"] for p in parts if p.transfers[j]["ms"] is not None]
+        transfers.append({**hop, "ms": statistics.median(ms) if ms else None})
+    return Measurement(
+        latency_ms=statistics.median(latencies),
+        latency_p95_ms=_quantile(latencies, 0.95),
+        throughput_rps=statistics.median(p.throughput_rps for p in parts),
+        items_per_s=statistics.median(p.items_per_s for p in parts),
+        requests=sum(p.requests for p in parts),
+        outputs_match=all(p.outputs_match for p in parts),
+        max_abs_diff=max(p.max_abs_diff for p in parts),
+        stages=stages,
+        transfers=transfers,
+        devices=first.devices,
+        rows=[row for p in parts for row in p.rows],
+        rounds=[{"latency_ms": p.latency_ms, "throughput_rps": p.throughput_rps} for p in parts],
+    )
+
+
+def _max_or_none(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
     if len(sorted_values) == 1:
         return sorted_values[0]
@@ -157,14 +219,14 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def _row(phase: str, sent: float, reply: Reply, n_stages: int) -> list[Any]:
+def _row(round_: int, phase: str, sent: float, reply: Reply, n_stages: int) -> list[Any]:
     sent = reply.sent if reply.sent is not None else sent
     if len(reply.stamps) != STAMPS_PER_STAGE * n_stages:
         raise RuntimeFailure(
             f"reply {reply.request_id} carries {len(reply.stamps)} timestamps, "
             f"expected {STAMPS_PER_STAGE * n_stages}"
         )
-    return [phase, reply.request_id, sent, *reply.stamps, reply.received]
+    return [round_, phase, reply.request_id, sent, *reply.stamps, reply.received]
 
 
 def _latency_phase(
@@ -175,6 +237,7 @@ def _latency_phase(
     warmup: int,
     timeout_s: float,
     on_request: OnRequest | None,
+    round_: int,
 ) -> list[list[Any]]:
     rows = []
     for i in range(warmup + requests):
@@ -184,7 +247,7 @@ def _latency_phase(
             raise RuntimeFailure(f"expected reply {i}, got {reply.request_id}")
         checker.check(reply, i)
         if i >= warmup:
-            rows.append(_row("latency", sent, reply, len(deployment.stages)))
+            rows.append(_row(round_, "latency", sent, reply, len(deployment.stages)))
             if on_request is not None:
                 on_request("latency", len(rows), requests)
     return rows
@@ -199,6 +262,7 @@ def _throughput_phase(
     depth: int,
     timeout_s: float,
     on_request: OnRequest | None,
+    round_: int,
 ) -> tuple[list[list[Any]], float]:
     base = 1_000_000
     total = warmup + requests
@@ -225,12 +289,18 @@ def _throughput_phase(
             sent.pop(reply.request_id, None)
         elif done > warmup:
             rows.append(
-                _row("throughput", sent.pop(reply.request_id), reply, len(deployment.stages))
+                _row(
+                    round_,
+                    "throughput",
+                    sent.pop(reply.request_id),
+                    reply,
+                    len(deployment.stages),
+                )
             )
             if on_request is not None:
                 on_request("throughput", len(rows), requests)
     if window_start is None:
-        window_start = min(r[2] for r in rows)
+        window_start = min(r[_SENT] for r in rows)
     elapsed = rows[-1][-1] - window_start
     return rows, requests / elapsed if elapsed > 0 else float("nan")
 
@@ -242,7 +312,7 @@ def _stage_summary(
     for i, stage in enumerate(deployment.stages):
         if stage.relay:
             continue
-        base = 3 + STAMPS_PER_STAGE * i
+        base = _SENT + 1 + STAMPS_PER_STAGE * i
         compute = [(r[base + 2] - r[base + 1]) * 1e3 for r in rows]
         out.append(
             {
@@ -265,10 +335,10 @@ def _transfer_summary(
     n = len(deployment.stages)
     for hop in range(n + 1):
         if hop == 0:
-            send_col, recv_col = 2, 3
+            send_col, recv_col = _SENT, _SENT + 1
         else:
-            send_col = 3 + STAMPS_PER_STAGE * (hop - 1) + 3
-            recv_col = 3 + STAMPS_PER_STAGE * hop if hop < n else 3 + STAMPS_PER_STAGE * n
+            send_col = _SENT + STAMPS_PER_STAGE * hop
+            recv_col = _SENT + 1 + STAMPS_PER_STAGE * hop if hop < n else -1
         ms: float | None = None
         if deployment.same_clock:
             ms = statistics.median((r[recv_col] - r[send_col]) * 1e3 for r in rows)
