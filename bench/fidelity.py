@@ -12,6 +12,11 @@ times by the device's CPU quota).
         [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
         [--repeats 40] [--spread 20] [--clock cpu] [--reprofile]
 
+Each device's profile is spread over ``--spread`` seconds and every front plan is validated in
+``--rounds`` interleaved rounds (this host's speed wanders by 10-20 % over seconds). The probe
+also measures the backend's per-request busy time (``Overheads.request_ms``); ``thr0 MAPE%`` is
+the throughput error of the same measurements against predictions without that term.
+
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).
 """
@@ -102,33 +107,39 @@ PROBE_MODEL = "mobilenet_v3_small"
 
 
 def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Overheads:
-    """Measure the runtime's per-message costs with a probe model that is not under test.
+    """Measure the runtime's per-message and per-request costs with a probe model not under test.
 
-    Deploys ``source[0:c] -> other[c:B]`` of a small model and reads the median hop times:
+    First deploys ``source[0:c] -> other[c:B]`` of a small model and reads the median hop times:
     ``handoff_ms`` is the mean of the two local hand-offs (client -> first stage at the source,
     last stage -> client at the sink); ``message_ms`` is the median, over the cross-device hops,
     of hop time - one-way delay - wire time - copy time (``Overheads`` defaults for the copy).
+    Then deploys ``other[0:B]`` (the source relays input and output) with enough requests in
+    flight to keep it busy: ``request_ms`` is what its period per request leaves beyond the
+    stage's measured compute and copies, read with the cost model's rule (the stage's device
+    pays ``request_ms`` once, the relay twice; the period is the larger of the two).
     """
     from optisplit.chain import load_chain
 
     chain = load_chain(PROBE_MODEL)
     other = next(d for d in bed.devices if d != bed.source)
     cut = chain.n_blocks // 2
-    plan = f"{bed.source}[0:{cut}] -> {other}[{cut}:{chain.n_blocks}]"
+    split = f"{bed.source}[0:{cut}] -> {other}[{cut}:{chain.n_blocks}]"
+    alone = f"{other}[0:{chain.n_blocks}]"
     results = validate_plans(
         PROBE_MODEL,
         bed,
-        [plan],
+        [split, alone],
         backend=backend,
-        requests=args.requests,
+        requests=max(args.requests, 40),
         warmup=args.warmup,
+        depth=4,
         profiles_root=args.profiles,
         out_dir=RESULTS / "fidelity" / f"probe-{bed.name}-{backend}",
     )
-    measured = results[0]["measured"]
-    if not measured:
-        raise SystemExit(f"probe of {bed.name} ({backend}) failed: {results[0]['error']}")
-    hops = measured["transfers"]
+    failed = [r for r in results if not r["measured"]]
+    if failed:
+        raise SystemExit(f"probe of {bed.name} ({backend}) failed: {failed[0]['error']}")
+    hops = results[0]["measured"]["transfers"]
     handoff = (hops[0]["ms"] + hops[-1]["ms"]) / 2
     sizes = {(bed.source, other): chain.cuts[cut - 1].bytes, (other, bed.sink): chain.output_bytes}
     base = Overheads()
@@ -141,7 +152,14 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
         wire = sum(h.rtt_ms / 2 for h in link) + nbytes * 8 / (min(h.mbps for h in link) * 1e3)
         residuals.append(hop["ms"] - wire - base.copy_ms(nbytes))
     message = sorted(residuals)[len(residuals) // 2] if residuals else base.message_ms
-    return Overheads(message_ms=max(message, 0.0), handoff_ms=handoff)
+    measured = results[1]["measured"]
+    period = 1000.0 / measured["throughput_rps"]
+    (stage,) = [s for s in measured["stages"] if s["device"] == other]
+    moved = base.copy_ms(chain.input_bytes) + base.copy_ms(chain.output_bytes)
+    request = min(period - stage["compute_ms"] - moved, (period - moved) / 2)
+    return Overheads(
+        message_ms=max(message, 0.0), handoff_ms=handoff, request_ms=max(request, 0.0)
+    )
 
 
 def _case(
@@ -167,11 +185,19 @@ def _case(
         out_dir=RESULTS / "fidelity" / f"{bed.name}-{condition}-{model}-{backend}",
     )
     for result, evaluation in zip(results, front):  # predictions with the probed overheads
-        result["predicted"] = {
-            "latency_ms": evaluation.latency_ms,
-            "throughput_rps": evaluation.throughput_rps,
-        }
+        result["predicted"] = _objectives(evaluation)
     comparison = compare_plans(plans_from_results(results), backend=backend)
+    # the same measurements against predictions without the per-request term, for its effect
+    bare = load_cost_model(
+        model,
+        bed,
+        profiles_root=args.profiles,
+        overheads=dataclasses.replace(overheads, request_ms=0.0),
+    )
+    unloaded = [
+        {**r, "predicted": _objectives(bare.evaluate(e.plan))} for r, e in zip(results, front)
+    ]
+    without = compare_plans(plans_from_results(unloaded), backend=backend)
     return {
         "compute_mape": _compute_mape(cost, results),
         "testbed": bed.name,
@@ -185,11 +211,19 @@ def _case(
         "throughput_mape": comparison.throughput_mape,
         "latency_spearman": comparison.latency_spearman,
         "throughput_spearman": comparison.throughput_spearman,
+        "without_request_ms": {
+            "latency_mape": without.latency_mape,
+            "throughput_mape": without.throughput_mape,
+        },
         "front_precision": comparison.front_precision,
         "front_recall": comparison.front_recall,
         "seconds": round(time.monotonic() - start, 1),
         "results": results,
     }
+
+
+def _objectives(evaluation: Any) -> dict[str, float]:
+    return {"latency_ms": evaluation.latency_ms, "throughput_rps": evaluation.throughput_rps}
 
 
 def _compute_mape(cost: Any, results: list[dict[str, Any]]) -> float | None:
@@ -212,7 +246,7 @@ def _fmt(value: Any, spec: str) -> str:
 def _print(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
-        f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'lat rho':>7} {'thr rho':>7} "
+        f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'lat rho':>7} {'thr rho':>7} "
         f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'s':>6}"
     )
     print(head)
@@ -221,7 +255,9 @@ def _print(rows: list[dict[str, Any]]) -> None:
         print(
             f"{r['testbed']:8} {r['condition']:12} {r['model']:13} {r['backend']:7} "
             f"{r['plans']:>5} {_fmt(r['latency_mape'], '9.1f')} "
-            f"{_fmt(r['throughput_mape'], '9.1f')} {_fmt(r['latency_spearman'], '7.2f')} "
+            f"{_fmt(r['throughput_mape'], '9.1f')} "
+            f"{_fmt(r['without_request_ms']['throughput_mape'], '10.1f')} "
+            f"{_fmt(r['latency_spearman'], '7.2f')} "
             f"{_fmt(r['throughput_spearman'], '7.2f')} {_fmt(r['front_precision'], '5.2f')} "
             f"{_fmt(r['front_recall'], '6.2f')} {_fmt(r.get('compute_mape'), '9.1f')} "
             f"{r['seconds']:>6}"

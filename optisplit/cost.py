@@ -29,7 +29,9 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   (``handoff_ms``: the client's local hand-off of the input at ``s`` and of the output at ``t``).
 * Busy time per request of each **device**: its compute, plus ``copy(n)`` for every transfer it
   sends or receives (the source also sends the input, the sink also receives the output, even
-  when they run no stage). Busy time of each **link direction** ``u -> v``: the sum, over the
+  when they run no stage), plus ``request_ms`` for each stage it runs or relays (the runtime's
+  fixed work per request on a device: waking its threads, framing, handing tensors between
+  them; an RPC agent's request handling). Busy time of each **link direction** ``u -> v``: the sum, over the
   plan's transfers routed through it, of ``n * 8 / (mbps * 1e3)``. Links are full duplex;
   propagation delay occupies no resource.
 * ``throughput_rps = 1000 / max(bottleneck_ms, latency_ms / depth)``: the asymptotic bounds of
@@ -87,6 +89,11 @@ class Overheads:
             output from it at the sink (a local message each, on top of any transfer); added
             twice to the latency. ``0`` by default; ``bench/fidelity.py`` measures it per runtime
             backend with a probe.
+        request_ms: busy time per request a device spends on each stage it runs (or relays)
+            beyond compute and copies; it bounds throughput, not latency (the latency's share
+            of it is in ``message_ms``). ``0`` by default; ``bench/fidelity.py`` measures it per
+            runtime backend with a probe: about 2 ms on the socket backend and 5 ms over RPC on
+            the emulated testbed.
     """
 
     message_ms: float = 0.05
@@ -94,6 +101,7 @@ class Overheads:
     buffers: int = 2
     whole_model: bool = True
     handoff_ms: float = 0.0
+    request_ms: float = 0.0
 
     def copy_ms(self, nbytes: int) -> float:
         """Serialisation time of ``nbytes`` on one side of a transfer."""
@@ -331,33 +339,34 @@ class CostModel:
         return [((u, v), nbytes * 8 / (mbps * 1e3)) for u, v, mbps in self.route(src, dst).hops]
 
     def stage_busy(self, device: str, start: int, end: int, *, first: bool, last: bool) -> float:
-        """Busy time per request of a stage's device: compute + copies of what it moves.
+        """Busy time per request of a stage's device: compute + ``request_ms`` + copies of what
+        it moves.
 
-        ``first``/``last`` say whether the stage is the plan's first/last. The source's sending
-        of the input and the sink's receiving of the output are included when they run this
-        stage without being the first/last one.
+        ``first``/``last`` say whether the stage is the plan's first/last. The source's relaying
+        of the input and the sink's of the output are included when they run this stage
+        without being the first/last one.
         """
         copy = self.overheads.copy_ms
         source, sink = self.testbed.source, self.testbed.sink
-        busy = self.compute_ms(device, start, end)
+        busy = self.compute_ms(device, start, end) + self.overheads.request_ms
         if not (first and device == source):
             busy += copy(self.cut_bytes[start])
         if not (last and device == sink):
             busy += copy(self.cut_bytes[end])
-        if device == source and not first:
-            busy += copy(self.cut_bytes[0])
-        if device == sink and not last:
-            busy += copy(self.cut_bytes[self.n_blocks])
+        if device == source and not first:  # it also relays the input to the first stage
+            busy += copy(self.cut_bytes[0]) + self.overheads.request_ms
+        if device == sink and not last:  # and the output from the last one
+            busy += copy(self.cut_bytes[self.n_blocks]) + self.overheads.request_ms
         return busy
 
     def idle_busy(self, device: str) -> float:
-        """Busy time of the source or sink when it runs no stage (moving input/output)."""
+        """Busy time of the source or sink when it runs no stage (relaying input/output)."""
         copy = self.overheads.copy_ms
         busy = 0.0
         if device == self.testbed.source:
-            busy += copy(self.cut_bytes[0])
+            busy += copy(self.cut_bytes[0]) + self.overheads.request_ms
         if device == self.testbed.sink:
-            busy += copy(self.cut_bytes[self.n_blocks])
+            busy += copy(self.cut_bytes[self.n_blocks]) + self.overheads.request_ms
         return busy
 
     def throughput_rps(self, latency_ms: float, bottleneck_ms: float, n_stages: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,22 @@ def test_message_and_copy_overheads() -> None:
     assert e.latency_ms == pytest.approx(10 + 23.5 + 25 + 1.61)
     # b: 25 compute + 2 receiving + 0.01 sending; a: 10 + 2 sending + 0.01 receiving the output
     assert e.throughput_rps == pytest.approx(1000 / 27.01)
+
+
+def test_request_overhead_is_busy_time_not_latency() -> None:
+    bare = _pair_model(Overheads.none(), depth=0)
+    loaded = _pair_model(dataclasses.replace(Overheads.none(), request_ms=3.0), depth=0)
+    plan = Plan.parse("a[0:1] -> b[1:3]")
+    assert loaded.evaluate(plan).latency_ms == pytest.approx(bare.evaluate(plan).latency_ms)
+    # b: 25 compute + 3 per request; a: 10 + 3
+    assert loaded.evaluate(plan).throughput_rps == pytest.approx(1000 / 28)
+    # a runs no stage but relays the input and the output: 3 ms each, beside b's 30 + 3
+    alone = Plan.parse("b[0:3]")
+    assert loaded.evaluate(alone).throughput_rps == pytest.approx(1000 / 33)
+    assert loaded.idle_busy("a") == pytest.approx(6.0)
+    assert loaded.stage_busy("b", 0, 3, first=True, last=True) == pytest.approx(33.0)
+    # a running the last stage only also relays the input to the first
+    assert loaded.stage_busy("a", 2, 3, first=False, last=True) == pytest.approx(30 + 3 + 3)
 
 
 def _star_model(sink: str = "cam") -> CostModel:

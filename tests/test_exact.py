@@ -36,6 +36,7 @@ def _instance(seed: int) -> CostModel:
             Overheads(),
             Overheads.none(),
             Overheads(message_ms=1.0, copy_gbps=0.01, buffers=3, handoff_ms=2.5),
+            Overheads(message_ms=0.5, handoff_ms=1.0, request_ms=4.0),
         ]
     )
     return random_cost_model(

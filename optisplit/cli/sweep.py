@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--warmup", type=positive_int, default=2, help="warm-up requests per plan")
     parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="with --validate: measure every plan N times, plans taking turns (see validate)",
+    )
+    parser.add_argument(
         "--skip-checks",
         action="store_true",
         help="with --validate on an emulated testbed: do not probe links and devices (busy hosts)",
@@ -144,6 +150,7 @@ def _measure(args: argparse.Namespace, emulated: list[str]) -> Measure:
             batch_size=args.batch_size,
             requests=args.requests,
             warmup=args.warmup,
+            rounds=args.rounds,
             profiles_root=args.profiles,
             out_dir=Path("studies") / f"sweep-{args.model}-{testbed.name}" / condition,
         )
