@@ -101,6 +101,7 @@ def run_demo(
     profiles_root: str = "profiles",
     requests: int = 10,
     warmup: int = 2,
+    rounds: int = 2,
     profile_repeats: int = 15,
     profile_spread_s: float = 10.0,
     reprofile: bool = False,
@@ -144,6 +145,7 @@ def run_demo(
                 profiles_root=profiles_root,
                 requests=requests,
                 warmup=warmup,
+                rounds=rounds,
                 profile_repeats=profile_repeats,
                 profile_spread_s=profile_spread_s,
                 reprofile=reprofile,
@@ -167,6 +169,7 @@ def _run_steps(
     profiles_root: str,
     requests: int,
     warmup: int,
+    rounds: int,
     profile_repeats: int,
     profile_spread_s: float,
     reprofile: bool,
@@ -203,6 +206,7 @@ def _run_steps(
             backend=backend,
             requests=requests,
             warmup=warmup,
+            rounds=rounds,
             study=study,
             out_dir=folder,
             profiles_root=profiles_root,
@@ -237,7 +241,7 @@ def _profile(
     bed_file: str,
     device: str,
     root: str,
-    rounds: tuple[int, float],
+    timing: tuple[int, float],
     reprofile: bool,
 ) -> None:
     """Profile ``model`` on ``device`` inside its sandbox, unless its profile exists."""
@@ -248,7 +252,7 @@ def _profile(
         log.info("reusing %s", path)
         return
     argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
-    repeats, spread_s = rounds
+    repeats, spread_s = timing
     argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats), "--clock", "cpu"]
     argv += ["--spread", str(spread_s), "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)

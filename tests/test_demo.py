@@ -55,6 +55,8 @@ def _argv(tmp_path: Path, bed: Path, study: str) -> list[str]:
         "1",
         "--repeats",
         "3",
+        "--spread",
+        "0.5",
         "--skip-checks",  # a busy CI host fails the speed probes; fidelity is benchmarked
     ]
 
@@ -96,6 +98,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     measured = [t for t in study.trials if "measured_socket" in t.user_attrs]
     assert len(measured) >= len(doc["front"])
     assert all(t.user_attrs["measured_socket"]["outputs_match"] for t in measured)
+    assert all(len(t.user_attrs["measured_socket"]["rounds"]) == 2 for t in measured)
     assert _namespaces("demotest") == []  # brought down again
 
 

@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--warmup", type=positive_int, default=2, help="warm-up requests per plan")
     parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="measure every plan this many times, plans taking turns (default 2; see validate)",
+    )
+    parser.add_argument(
         "--repeats", type=positive_int, default=15, help="timed rounds per block when profiling"
     )
     parser.add_argument(
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             profiles_root=args.profiles,
             requests=args.requests,
             warmup=args.warmup,
+            rounds=args.rounds,
             profile_repeats=args.repeats,
             profile_spread_s=args.spread,
             reprofile=args.reprofile,
