@@ -31,7 +31,9 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   sends or receives (the source also sends the input, the sink also receives the output, even
   when they run no stage), plus ``request_ms`` for each stage it runs or relays (the runtime's
   fixed work per request on a device: waking its threads, framing, handing tensors between
-  them; an RPC agent's request handling). Busy time of each **link direction** ``u -> v``: the sum, over the
+  them; an RPC agent's request handling). A paced device (``throttle: pace``) computes for
+  ``pace`` of its compute time and rests for the remainder, and its runtime threads work
+  during those rests: its busy time is ``max(compute, pace * compute + copies + request_ms)``. Busy time of each **link direction** ``u -> v``: the sum, over the
   plan's transfers routed through it, of ``n * 8 / (mbps * 1e3)``. Links are full duplex;
   propagation delay occupies no resource.
 * ``throughput_rps = 1000 / max(bottleneck_ms, latency_ms / depth)``: the asymptotic bounds of
@@ -348,16 +350,22 @@ class CostModel:
         """
         copy = self.overheads.copy_ms
         source, sink = self.testbed.source, self.testbed.sink
-        busy = self.compute_ms(device, start, end) + self.overheads.request_ms
+        compute = self.compute_ms(device, start, end)
+        extra = self.overheads.request_ms
         if not (first and device == source):
-            busy += copy(self.cut_bytes[start])
+            extra += copy(self.cut_bytes[start])
         if not (last and device == sink):
-            busy += copy(self.cut_bytes[end])
+            extra += copy(self.cut_bytes[end])
         if device == source and not first:  # it also relays the input to the first stage
-            busy += copy(self.cut_bytes[0]) + self.overheads.request_ms
+            extra += copy(self.cut_bytes[0]) + self.overheads.request_ms
         if device == sink and not last:  # and the output from the last one
-            busy += copy(self.cut_bytes[self.n_blocks]) + self.overheads.request_ms
-        return busy
+            extra += copy(self.cut_bytes[self.n_blocks]) + self.overheads.request_ms
+        pace = self.testbed.devices[device].pace
+        if pace is not None:
+            # a paced device computes for pace x its compute time and rests for the remainder;
+            # its runtime's threads work during the rests, so only what overflows them counts
+            return max(compute, compute * pace + extra)
+        return compute + extra
 
     def idle_busy(self, device: str) -> float:
         """Busy time of the source or sink when it runs no stage (relaying input/output)."""

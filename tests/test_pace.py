@@ -165,6 +165,29 @@ def test_cost_model_sums_blocks_on_a_paced_device() -> None:
     assert e.stages[0].compute_ms == pytest.approx(120)
 
 
+def test_a_paced_device_works_its_runtime_into_its_rests() -> None:
+    profile = synthetic_profile(2, times_ms=[10, 30], cut_bytes=[1_000] * 3)
+    profile = type(profile)(**{**profile.__dict__, "provenance": {"clock": "cpu"}})
+    devices = {
+        "q": Device("q", profile="host", cpu_quota=0.5),
+        "p": Device("p", profile="host", cpu_quota=0.5, throttle="pace"),
+    }
+    testbed = Testbed("qp", devices, (Link("q", "p", 1.0, 100.0),), "q", "q", ())
+    overheads = Overheads(copy_gbps=0.0, request_ms=5.0)
+    model = CostModel(testbed, {"q": profile, "p": profile}, overheads=overheads)
+    # p computes 10 ms of CPU in 20 ms: the 5 ms of its runtime fit in the 10 ms of rest
+    assert model.stage_busy("p", 0, 1, first=False, last=False) == pytest.approx(20)
+    # q, under a quota, pays them on top, and as the sink once more for relaying the output
+    assert model.stage_busy("q", 0, 1, first=True, last=False) == pytest.approx(20 + 5 + 5)
+    # runtime work beyond the rests overflows them: 10 ms of CPU + 25 ms
+    heavy = CostModel(
+        testbed,
+        {"q": profile, "p": profile},
+        overheads=Overheads(copy_gbps=0.0, request_ms=25.0),
+    )
+    assert heavy.stage_busy("p", 0, 1, first=False, last=False) == pytest.approx(10 + 25)
+
+
 def test_launcher_hands_the_pace_to_the_command() -> None:
     code = f"import os; print(os.environ.get({ENV!r}))"
     launcher = [sys.executable, "-m", "optisplit.emulate.enter", "--pace", "0.4", "--"]
