@@ -33,9 +33,10 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   fixed work per request on a device: waking its threads, framing, handing tensors between
   them; an RPC agent's request handling). A paced device (``throttle: pace``) computes for
   ``pace`` of its compute time and rests for the remainder, and its runtime threads work
-  during those rests: its busy time is ``max(compute, pace * compute + copies + request_ms)``. Busy time of each **link direction** ``u -> v``: the sum, over the
-  plan's transfers routed through it, of ``n * 8 / (mbps * 1e3)``. Links are full duplex;
-  propagation delay occupies no resource.
+  during those rests: its busy time is ``max(compute, pace * compute + copies + request_ms)``.
+  Busy time of each **link direction** ``u -> v``: the sum, over the plan's transfers routed
+  through it, of ``n * 8 / (mbps * 1e3)``. Links are full duplex; propagation delay occupies
+  no resource.
 * ``throughput_rps = 1000 / max(bottleneck_ms, latency_ms / depth)``: the asymptotic bounds of
   a closed queueing network (Lazowska et al., *Quantitative System Performance*, 1984, §5.2)
   with ``depth`` requests in flight. ``depth`` defaults to ``2 * k``, the default of

@@ -187,12 +187,12 @@ def _run_steps(
             step("profile", f"profiling {model} on {device}")
             _profile(
                 model,
-                bed,
                 testbed_file,
                 device,
                 profiles_root,
-                (profile_repeats, profile_spread_s),
-                reprofile,
+                repeats=profile_repeats,
+                spread_s=profile_spread_s,
+                reprofile=reprofile,
             )
     with _timed(seconds, "search"):
         step("search", "searching the exact front")
@@ -237,11 +237,12 @@ def _run_steps(
 
 def _profile(
     model: str,
-    bed: Testbed,
     bed_file: str,
     device: str,
     root: str,
-    timing: tuple[int, float],
+    *,
+    repeats: int,
+    spread_s: float,
     reprofile: bool,
 ) -> None:
     """Profile ``model`` on ``device`` inside its sandbox, unless its profile exists."""
@@ -252,7 +253,6 @@ def _profile(
         log.info("reusing %s", path)
         return
     argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
-    repeats, spread_s = timing
     argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats), "--clock", "cpu"]
     argv += ["--spread", str(spread_s), "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)

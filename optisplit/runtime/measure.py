@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Measurement", "measure", "merge_rounds", "stamp_columns"]
 
-_SENT = 3
-"""Column of a timestamp row holding the time the request was sent (see :func:`stamp_columns`)."""
+_PHASE, _SENT = 1, 3
+"""Columns of a timestamp row: the phase, the time the request was sent (:func:`stamp_columns`)."""
 
 OnRequest = Callable[[str, int, int], None]
 """Called after each completed request with (phase, done, total)."""
@@ -71,7 +71,7 @@ class Measurement:
 
     def latencies_ms(self) -> list[float]:
         """Latency-phase request latencies, in milliseconds, sorted."""
-        return sorted((r[-1] - r[_SENT]) * 1e3 for r in self.rows if r[1] == "latency")
+        return _latencies_ms(r for r in self.rows if r[_PHASE] == "latency")
 
 
 def stamp_columns(devices: Sequence[str]) -> list[str]:
@@ -150,7 +150,7 @@ def measure(
     tput_rows, rps = _throughput_phase(
         deployment, inputs, checker, tput_requests, warmup, depth, timeout_s, on_request, round_
     )
-    latencies = sorted((r[-1] - r[_SENT]) * 1e3 for r in lat_rows)
+    latencies = _latencies_ms(lat_rows)
     return Measurement(
         latency_ms=statistics.median(latencies),
         latency_p95_ms=_quantile(latencies, 0.95),
@@ -176,13 +176,12 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
     first = parts[0]
     stages = []
     for j, stage in enumerate(first.stages):
-        cpu = [p.stages[j]["cpu_percent"] for p in parts if p.stages[j]["cpu_percent"] is not None]
         stages.append(
             {
                 **stage,
                 "compute_ms": statistics.median(p.stages[j]["compute_ms"] for p in parts),
-                "cpu_percent": statistics.median(cpu) if cpu else None,
-                "memory_bytes": _max_or_none(p.stages[j]["memory_bytes"] for p in parts),
+                "cpu_percent": statistics.median(p.stages[j]["cpu_percent"] for p in parts),
+                "memory_bytes": max(p.stages[j]["memory_bytes"] for p in parts),
             }
         )
     transfers = []
@@ -205,9 +204,8 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
     )
 
 
-def _max_or_none(values: Iterable[int | None]) -> int | None:
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
+def _latencies_ms(rows: Iterable[list[Any]]) -> list[float]:
+    return sorted((r[-1] - r[_SENT]) * 1e3 for r in rows)
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
