@@ -131,7 +131,7 @@ def validate_plans(
     done = _previous_results(results_file, study, backend) if resume else {}
     todo = [p for p in parsed if str(p) not in done]
     parts: dict[str, list[Measurement]] = {str(p): [] for p in todo}
-    predicted: dict[str, dict[str, float] | None] = {}
+    predicted = _predictions(model_name, bed, todo, batch_size, granularity, profiles_root)
     outcome: dict[str, dict[str, Any]] = {
         key: {**result, "resumed": True} for key, result in done.items()
     }
@@ -143,18 +143,16 @@ def validate_plans(
                 if outcome.get(key, {}).get("error") is not None:
                     continue  # failed in an earlier round: not measured again
                 label = key if rounds == 1 else f"{key} (round {round_}/{rounds})"
-                result = run.one(
-                    plan, requests, warmup, depth, timeout_s, on_progress, label, round_
-                )
-                if isinstance(result, str):
-                    error = result
-                else:
-                    parts[key].append(result)
-                    error = None
-                if key not in predicted:
-                    predicted[key] = _predicted(
-                        model_name, bed, plan, batch_size, granularity, profiles_root
+                error = None
+                try:
+                    parts[key].append(
+                        run.measure(
+                            plan, requests, warmup, depth, timeout_s, on_progress, label, round_
+                        )
                     )
+                except (RuntimeFailure, OSError) as exc:
+                    log.warning("plan %s failed: %s", key, exc)
+                    error = str(exc)
                 outcome[key] = _result(key, parts[key], error, folder, backend)
                 outcome[key]["predicted"] = predicted[key]
                 _record(study, backend, outcome[key])
@@ -266,30 +264,7 @@ class _Run:
             self.workers = LocalWorkers(testbed, devices, torch_device=torch_device)
             self.backend = backend_cls(self.workers.token, same_clock=True)
 
-    def one(
-        self,
-        plan: Plan,
-        requests: int,
-        warmup: int,
-        depth: int | None,
-        timeout_s: float,
-        on_progress: ProgressCallback | None,
-        label: str,
-        round_: int,
-    ) -> Measurement | str:
-        """Deploy and measure ``plan`` once; the measurement, or why the plan failed."""
-        try:
-            measured = self._measure(
-                plan, requests, warmup, depth, timeout_s, on_progress, label, round_
-            )
-        except (RuntimeFailure, OSError) as exc:
-            log.warning("plan %s failed: %s", plan, exc)
-            return str(exc)
-        if on_progress is not None:
-            on_progress(label, "done", 1, 1)
-        return measured
-
-    def _measure(
+    def measure(
         self,
         plan: Plan,
         requests: int,
@@ -300,6 +275,7 @@ class _Run:
         label: str,
         round_: int,
     ) -> Measurement:
+        """Deploy ``plan`` and measure it once (round ``round_``)."""
         from optisplit.runtime.measure import measure
 
         if on_progress is not None:
@@ -312,7 +288,7 @@ class _Run:
             None if on_progress is None else (lambda phase, i, n: on_progress(label, phase, i, n))
         )
         with self.backend.deploy(self.spec, stages) as deployment:
-            return measure(
+            measured = measure(
                 deployment,
                 inputs,
                 expected,
@@ -326,6 +302,9 @@ class _Run:
                 on_request=tick,
                 round_=round_,
             )
+        if on_progress is not None:
+            on_progress(label, "done", 1, 1)
+        return measured
 
     def close(self) -> None:
         self.backend.close()
@@ -351,20 +330,29 @@ def _all_loopback(addresses: Mapping[str, tuple[str, int]]) -> bool:
     return all(host in ("127.0.0.1", "localhost", "::1") for host, _ in addresses.values())
 
 
-def _predicted(
-    model: str, testbed: Testbed, plan: Plan, batch_size: int, granularity: str, root: str
-) -> dict[str, float] | None:
+def _predictions(
+    model: str,
+    testbed: Testbed,
+    plans: Sequence[Plan],
+    batch_size: int,
+    granularity: str,
+    root: str,
+) -> dict[str, dict[str, float] | None]:
+    """Predicted latency and throughput of each plan (None for all: profiles missing)."""
     try:
         from optisplit.cost import load_cost_model
 
         cost = load_cost_model(
             model, testbed, batch_size=batch_size, profiles_root=root, granularity=granularity
         )
-        evaluation = cost.evaluate(plan)
+        evaluations = {str(plan): cost.evaluate(plan) for plan in plans}
     except (OptisplitError, ImportError) as exc:
-        log.info("no prediction for %s: %s", plan, exc)
-        return None
-    return {"latency_ms": evaluation.latency_ms, "throughput_rps": evaluation.throughput_rps}
+        log.info("no predictions: %s", exc)
+        return dict.fromkeys(map(str, plans))
+    return {
+        key: {"latency_ms": e.latency_ms, "throughput_rps": e.throughput_rps}
+        for key, e in evaluations.items()
+    }
 
 
 def _result(
