@@ -10,11 +10,12 @@ times by the device's CPU quota).
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
         [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
-        [--repeats 40] [--spread 20] [--clock cpu] [--reprofile]
+        [--window 2] [--repeats 40] [--spread 20] [--clock cpu] [--reprofile]
 
 Each device's profile is spread over ``--spread`` seconds and every front plan is validated in
-``--rounds`` interleaved rounds (this host's speed wanders by 10-20 % over seconds). The probe
-also measures the backend's per-request busy time (``Overheads.request_ms``); ``thr0 MAPE%`` is
+``--rounds`` interleaved rounds (this host's speed wanders by 10-20 % over seconds), each
+throughput measurement lasting at least ``--window`` seconds (``optisplit validate --window``).
+The probe also measures the backend's per-request busy time (``Overheads.request_ms``); ``thr0 MAPE%`` is
 the throughput error of the same measurements against predictions without that term.
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
@@ -59,6 +60,12 @@ def _args() -> argparse.Namespace:
         type=int,
         default=2,
         help="validation rounds: every front plan measured this many times, plans taking turns",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=2.0,
+        help="seconds each throughput measurement lasts at least (optisplit validate --window)",
     )
     parser.add_argument(
         "--spread",
@@ -133,6 +140,7 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
         requests=max(args.requests, 40),
         warmup=args.warmup,
         depth=4,
+        window_s=args.window,
         profiles_root=args.profiles,
         out_dir=RESULTS / "fidelity" / f"probe-{bed.name}-{backend}",
     )
@@ -181,6 +189,7 @@ def _case(
         requests=args.requests,
         warmup=args.warmup,
         rounds=args.rounds,
+        window_s=args.window,
         profiles_root=args.profiles,
         out_dir=RESULTS / "fidelity" / f"{bed.name}-{condition}-{model}-{backend}",
     )
@@ -313,6 +322,7 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], started: float)
         "requests": args.requests,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "window_s": args.window,
         "profile_repeats": args.repeats,
         "profile_spread_s": args.spread,
         "clock": args.clock,

@@ -79,6 +79,7 @@ def validate_plans(
     warmup: int = 3,
     depth: int | None = None,
     rounds: int = 1,
+    window_s: float = 0.0,
     study: optuna.Study | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -106,6 +107,8 @@ def validate_plans(
             measures every plan in turn), and report the medians over the rounds
             (:func:`optisplit.runtime.measure.merge_rounds`). A plan that fails in a round is
             reported failed and not measured again.
+        window_s: each throughput measurement lasts at least this many seconds (more than
+            ``requests`` requests when needed; see :mod:`optisplit.runtime.measure`).
         study: where ``measured_<backend>`` is recorded (the plans must be in it).
         out_dir: folder for the timestamp CSVs and results (default ``studies/<study>/`` or
             ``studies/adhoc-<timestamp>/``).
@@ -119,6 +122,8 @@ def validate_plans(
 
     if rounds < 1:
         raise UsageError(f"rounds must be at least 1, got {rounds}")
+    if not 0.0 <= window_s < float("inf"):
+        raise UsageError(f"window_s must be a number of seconds >= 0, got {window_s}")
     bed = load_testbed(testbed) if isinstance(testbed, str) else testbed
     backend_cls = backend_class(backend)
     spec = _model_spec(model_name, batch_size, granularity, module, weights, seed)
@@ -147,7 +152,15 @@ def validate_plans(
                 try:
                     parts[key].append(
                         run.measure(
-                            plan, requests, warmup, depth, timeout_s, on_progress, label, round_
+                            plan,
+                            requests,
+                            warmup,
+                            depth,
+                            timeout_s,
+                            on_progress,
+                            label,
+                            round_,
+                            window_s=window_s,
                         )
                     )
                 except (RuntimeFailure, OSError) as exc:
@@ -274,6 +287,8 @@ class _Run:
         on_progress: ProgressCallback | None,
         label: str,
         round_: int,
+        *,
+        window_s: float = 0.0,
     ) -> Measurement:
         """Deploy ``plan`` and measure it once (round ``round_``)."""
         from optisplit.runtime.measure import measure
@@ -301,6 +316,7 @@ class _Run:
                 sink=self.testbed.sink,
                 on_request=tick,
                 round_=round_,
+                window_s=window_s,
             )
         if on_progress is not None:
             on_progress(label, "done", 1, 1)

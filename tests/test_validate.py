@@ -83,7 +83,7 @@ def test_json_keys_predictions_and_timestamps(tmp_path: Path) -> None:
         "--backend", "inprocess",
         "--plan", "d0[0:2] -> d1[2:6]",
         "--plan", "d1[0:6]",
-        "--requests", "3", "--warmup", "1",
+        "--requests", "3", "--warmup", "1", "--window", "0",
         "--profiles-root", str(tmp_path / "profiles"),
         "--out", str(tmp_path / "out"),
         "--json",
@@ -111,6 +111,26 @@ def test_json_keys_predictions_and_timestamps(tmp_path: Path) -> None:
     assert [r["plan"] for r in saved["results"]] == [first["plan"], second["plan"]]
 
 
+def test_window_keeps_throughput_going(tmp_path: Path) -> None:
+    out = _cli(
+        "--testbed", str(_testbed(tmp_path)),
+        "--backend", "inprocess",
+        "--plan", "d0[0:3] -> d1[3:6]",
+        "--requests", "3", "--warmup", "1", "--window", "0.5",
+        "--out", str(tmp_path / "out"),
+        "--json",
+    )  # fmt: skip
+    (result,) = json.loads(out.stdout)["results"]
+    with open(result["timestamps_csv"], newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["phase"] == "throughput"]
+    assert len(rows) > 3  # more than --requests: the window asked for half a second
+    assert result["measured"]["requests"] == 3 + len(rows)
+    span = max(float(r["received"]) for r in rows) - min(float(r["sent"]) for r in rows)
+    assert span >= 0.5
+    rate = result["measured"]["throughput_rps"]
+    assert len(rows) / span <= rate <= 1.5 * len(rows) / span
+
+
 @pytest.mark.slow
 def test_rounds_interleave_plans_and_report_medians(tmp_path: Path) -> None:
     _profiles(tmp_path / "profiles")
@@ -119,7 +139,7 @@ def test_rounds_interleave_plans_and_report_medians(tmp_path: Path) -> None:
         "--backend", "inprocess",
         "--plan", "d0[0:2] -> d1[2:6]",
         "--plan", "d1[0:6]",
-        "--requests", "3", "--warmup", "1", "--rounds", "3",
+        "--requests", "3", "--warmup", "1", "--rounds", "3", "--window", "0",
         "--out", str(tmp_path / "out"),
         "--json",
     )  # fmt: skip

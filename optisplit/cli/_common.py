@@ -64,6 +64,23 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+WINDOW_S = 2.0
+"""Default length of a throughput measurement, in seconds (``--window``)."""
+
+
+def add_window_flag(parser: argparse.ArgumentParser) -> None:
+    """``--window SECONDS``: how long each throughput measurement lasts at least."""
+    parser.add_argument(
+        "--window",
+        type=non_negative_float,
+        default=WINDOW_S,
+        metavar="SECONDS",
+        help="keep each throughput measurement going for at least this long, sending more "
+        "requests than --requests when needed: a fraction of a second is at the mercy of one "
+        f"hiccup of a host (default {WINDOW_S:g}; 0: exactly --requests)",
+    )
+
+
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from optisplit.cli._common import (
     add_json_flag,
+    add_window_flag,
     non_negative_float,
     positive_int,
     print_json,
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=2,
         help="measure every plan this many times, plans taking turns (default 2; see validate)",
     )
+    add_window_flag(parser)
     parser.add_argument(
         "--repeats", type=positive_int, default=15, help="timed rounds per block when profiling"
     )
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             requests=args.requests,
             warmup=args.warmup,
             rounds=args.rounds,
+            window_s=args.window,
             profile_repeats=args.repeats,
             profile_spread_s=args.spread,
             reprofile=args.reprofile,

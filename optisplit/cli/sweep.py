@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optisplit.cli._common import add_json_flag, positive_int, print_json, print_table, progress
+from optisplit.cli._common import (
+    add_json_flag,
+    add_window_flag,
+    positive_int,
+    print_json,
+    print_table,
+    progress,
+)
 from optisplit.errors import UsageError
 
 if TYPE_CHECKING:
@@ -63,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=1,
         help="with --validate: measure every plan N times, plans taking turns (see validate)",
     )
+    add_window_flag(parser)
     parser.add_argument(
         "--skip-checks",
         action="store_true",
@@ -151,6 +159,7 @@ def _measure(args: argparse.Namespace, emulated: list[str]) -> Measure:
             requests=args.requests,
             warmup=args.warmup,
             rounds=args.rounds,
+            window_s=args.window,
             profiles_root=args.profiles,
             out_dir=Path("studies") / f"sweep-{args.model}-{testbed.name}" / condition,
         )

@@ -10,6 +10,7 @@ from typing import Any
 
 from optisplit.cli._common import (
     add_json_flag,
+    add_window_flag,
     non_negative_int,
     positive_int,
     print_json,
@@ -77,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="measure every plan N times, the plans taking turns, and report the medians "
         "(guards against a host or network that drifts during the run; default 1)",
     )
+    add_window_flag(parser)
     parser.add_argument(
         "--resume", action="store_true", help="skip plans already measured without error"
     )
@@ -149,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             depth=args.depth,
             rounds=args.rounds,
+            window_s=args.window,
             study=study,
             out_dir=args.out,
             resume=args.resume,

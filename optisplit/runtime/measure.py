@@ -6,6 +6,9 @@ Definitions (DESIGN §5):
   the orchestrator's monotonic clock; p50 and p95 over ``requests`` after ``warmup``.
 - **throughput**: closed loop with ``depth`` requests in flight; completions per second over the
   steady window, which opens when the last warm-up request completes and closes with the last.
+  The window holds at least ``requests`` completions and, with ``window_s``, lasts at least that
+  many seconds (new requests are sent until it has; those in flight then complete): a handful of
+  requests spans a fraction of a second, and one hiccup of the host then decides the figure.
 - **correctness**: every output of every request is compared with the single-process model's
   output for the same input (``allclose``, rtol 1e-4, atol 1e-4 × the largest magnitude).
 - **per-stage compute** is the median of ``compute end - compute start`` on the stage's own clock
@@ -124,6 +127,7 @@ def measure(
     sink: str = "sink",
     on_request: OnRequest | None = None,
     round_: int = 1,
+    window_s: float = 0.0,
 ) -> Measurement:
     """Run the latency phase then the throughput phase on ``deployment``.
 
@@ -133,12 +137,15 @@ def measure(
         depth: requests in flight in the throughput phase (default 2 × stages).
         source, sink: device names for the first and last hop in ``transfers``.
         round_: the round number written in the timestamp rows.
+        window_s: the throughput phase's steady window lasts at least this many seconds.
 
     Raises:
         RuntimeFailure: a stage failed or a reply did not come within ``timeout_s``.
     """
     if requests < 1:
         raise RuntimeFailure(f"requests must be >= 1, got {requests}")
+    if not window_s >= 0:
+        raise RuntimeFailure(f"window_s must be >= 0, got {window_s}")
     depth = depth or 2 * len(deployment.stages)
     checker = _Checker(expected)
     deployment.reset_stats()
@@ -148,7 +155,16 @@ def measure(
     stats = deployment.stats()
     tput_requests = max(requests, 2 * depth)
     tput_rows, rps = _throughput_phase(
-        deployment, inputs, checker, tput_requests, warmup, depth, timeout_s, on_request, round_
+        deployment,
+        inputs,
+        checker,
+        tput_requests,
+        warmup,
+        depth,
+        timeout_s,
+        on_request,
+        round_,
+        window_s,
     )
     latencies = _latencies_ms(lat_rows)
     return Measurement(
@@ -261,31 +277,36 @@ def _throughput_phase(
     timeout_s: float,
     on_request: OnRequest | None,
     round_: int,
+    window_s: float = 0.0,
 ) -> tuple[list[list[Any]], float]:
     base = 1_000_000
     total = warmup + requests
     sent: dict[int, float] = {}
     rows: list[list[Any]] = []
-    submitted = 0
+    submitted = received = 0
     window_start = None
-    for _ in range(min(depth, total)):
-        sent[base + submitted] = deployment.submit(
-            base + submitted, inputs[submitted % len(inputs)]
-        )
+
+    def submit() -> None:
+        nonlocal submitted
+        request_id = base + submitted
+        sent[request_id] = deployment.submit(request_id, inputs[submitted % len(inputs)])
         submitted += 1
-    for done in range(1, total + 1):
+
+    for _ in range(min(depth, total)):
+        submit()
+    opened = min(sent.values())  # stands in for the window's start while warm-up runs
+    while received < submitted:
         reply = deployment.receive(timeout_s)
+        received += 1
         index = reply.request_id - base
         checker.check(reply, index)
-        if submitted < total:
-            sent[base + submitted] = deployment.submit(
-                base + submitted, inputs[submitted % len(inputs)]
-            )
-            submitted += 1
-        if done == warmup:
+        start = opened if window_start is None else window_start
+        if submitted < total or reply.received - start < window_s:
+            submit()
+        if received == warmup:
             window_start = reply.received
             sent.pop(reply.request_id, None)
-        elif done > warmup:
+        elif received > warmup:
             rows.append(
                 _row(
                     round_,
@@ -296,11 +317,11 @@ def _throughput_phase(
                 )
             )
             if on_request is not None:
-                on_request("throughput", len(rows), requests)
+                on_request("throughput", len(rows), max(requests, submitted - warmup))
     if window_start is None:
         window_start = min(r[_SENT] for r in rows)
     elapsed = rows[-1][-1] - window_start
-    return rows, requests / elapsed if elapsed > 0 else float("nan")
+    return rows, len(rows) / elapsed if elapsed > 0 else float("nan")
 
 
 def _stage_summary(
