@@ -39,6 +39,7 @@ sys.path[0] = str(ROOT)  # not bench/: its scripts would shadow modules (profile
 from optisplit import emulate  # noqa: E402
 from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
 from optisplit.cost import Overheads, load_cost_model  # noqa: E402
+from optisplit.plan import Plan  # noqa: E402
 from optisplit.profile import profile_path  # noqa: E402
 from optisplit.search import get_engine  # noqa: E402
 from optisplit.testbed import Testbed, apply_condition, load_testbed  # noqa: E402
@@ -93,6 +94,11 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument("--skip-checks", action="store_true", help="do not probe the testbed")
     parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
+    parser.add_argument(
+        "--rescore",
+        metavar="JSON",
+        help="measure nothing: add the diagnostic columns to an earlier run's results and print",
+    )
     return parser.parse_args()
 
 
@@ -122,8 +128,13 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
     of hop time - one-way delay - wire time - copy time (``Overheads`` defaults for the copy).
     Then deploys ``other[0:B]`` (the source relays input and output) with enough requests in
     flight to keep it busy: ``request_ms`` is what its period per request leaves beyond the
-    stage's measured compute and copies, read with the cost model's rule (the stage's device
-    pays ``request_ms`` once, the relay twice; the period is the larger of the two).
+    stage's compute as its profile predicts it, and copies, read with the cost model's rule (the
+    stage's device pays ``request_ms`` once, the relay twice; the period is the larger of the
+    two). The profile, not the stage's measured compute: the worker's own I/O threads and the
+    emulation's other processes take the core from the computing thread while requests stream
+    in, so the measured compute windows stretch (their wall time, not their work) and would hide
+    the very cost ``request_ms`` stands for. ``bench/fidelity.py`` profiles the probe model right
+    before, like the models under test.
     """
     from optisplit.chain import load_chain
 
@@ -162,9 +173,10 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
     message = sorted(residuals)[len(residuals) // 2] if residuals else base.message_ms
     measured = results[1]["measured"]
     period = 1000.0 / measured["throughput_rps"]
-    (stage,) = [s for s in measured["stages"] if s["device"] == other]
+    cost = load_cost_model(PROBE_MODEL, bed, profiles_root=args.profiles, overheads=base)
+    compute = cost.compute_ms(other, 0, chain.n_blocks)
     moved = base.copy_ms(chain.input_bytes) + base.copy_ms(chain.output_bytes)
-    request = min(period - stage["compute_ms"] - moved, (period - moved) / 2)
+    request = min(period - compute - moved, (period - moved) / 2)
     return Overheads(
         message_ms=max(message, 0.0), handoff_ms=handoff, request_ms=max(request, 0.0)
     )
@@ -224,11 +236,78 @@ def _case(
             "latency_mape": without.latency_mape,
             "throughput_mape": without.throughput_mape,
         },
+        **_diagnostics(cost, results, backend),
         "front_precision": comparison.front_precision,
         "front_recall": comparison.front_recall,
         "seconds": round(time.monotonic() - start, 1),
         "results": results,
     }
+
+
+def _diagnostics(cost: Any, results: list[dict[str, Any]], backend: str) -> dict[str, Any]:
+    """Errors that tell the model's share from the host's: the same measurements against
+    predictions from each stage's measured compute (what is left is not the devices' speed
+    drifting between profile and run), and round 1 against round 2 (how well the measurement
+    agrees with itself)."""
+    out = {}
+    pairs = (
+        ("given_measured_compute", _given_compute(cost, results)),
+        ("round_vs_round", _round_pairs(results)),
+    )
+    for key, scored in pairs:
+        comparison = compare_plans(plans_from_results(scored), backend=backend)
+        out[key] = {
+            "latency_mape": comparison.latency_mape,
+            "throughput_mape": comparison.throughput_mape,
+            "latency_spearman": comparison.latency_spearman,
+            "throughput_spearman": comparison.throughput_spearman,
+        }
+    return out
+
+
+def _rescore(path: str, args: argparse.Namespace) -> int:
+    """Add :func:`_diagnostics` to the cases of an earlier run's JSON and print its table."""
+    doc = json.loads(Path(path).read_text())
+    for case in doc["cases"]:
+        bed = apply_condition(load_testbed(case["testbed"]), case["condition"])
+        overheads = Overheads(**case["overheads"])
+        cost = load_cost_model(
+            case["model"], bed, profiles_root=args.profiles, overheads=overheads
+        )
+        case.update(_diagnostics(cost, case["results"], case["backend"]))
+    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    _print(doc["cases"])
+    return 0
+
+
+def _given_compute(cost: Any, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` with predictions in which every stage computes for its measured time."""
+    out = []
+    for result in results:
+        measured = result.get("measured")
+        if not measured:
+            out.append(result)
+            continue
+        table = {(s["device"], s["start"], s["end"]): s["compute_ms"] for s in measured["stages"]}
+        profiled = cost.compute_ms
+        cost.compute_ms = lambda d, a, b, t=table, f=profiled: t.get((d, a, b), f(d, a, b))
+        try:
+            predicted = _objectives(cost.evaluate(Plan.parse(result["plan"])))
+        finally:
+            del cost.compute_ms  # the profile's again
+        out.append({**result, "predicted": predicted})
+    return out
+
+
+def _round_pairs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each plan's first round as its "prediction" and its second as its measurement."""
+    out = []
+    for result in results:
+        rounds = (result.get("measured") or {}).get("rounds") or []
+        if len(rounds) >= 2:
+            measured = {**result["measured"], **rounds[1]}
+            out.append({**result, "predicted": rounds[0], "measured": measured})
+    return out
 
 
 def _objectives(evaluation: Any) -> dict[str, float]:
@@ -256,11 +335,13 @@ def _print(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
         f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'lat rho':>7} {'thr rho':>7} "
-        f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'s':>6}"
+        f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'rr thr%':>7} "
+        f"{'rr rho':>6} {'s':>6}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
+        given, repeat = r.get("given_measured_compute", {}), r.get("round_vs_round", {})
         print(
             f"{r['testbed']:8} {r['condition']:12} {r['model']:13} {r['backend']:7} "
             f"{r['plans']:>5} {_fmt(r['latency_mape'], '9.1f')} "
@@ -269,13 +350,17 @@ def _print(rows: list[dict[str, Any]]) -> None:
             f"{_fmt(r['latency_spearman'], '7.2f')} "
             f"{_fmt(r['throughput_spearman'], '7.2f')} {_fmt(r['front_precision'], '5.2f')} "
             f"{_fmt(r['front_recall'], '6.2f')} {_fmt(r.get('compute_mape'), '9.1f')} "
-            f"{r['seconds']:>6}"
+            f"{_fmt(given.get('throughput_mape'), '6.1f')} "
+            f"{_fmt(repeat.get('throughput_mape'), '7.1f')} "
+            f"{_fmt(repeat.get('throughput_spearman'), '6.2f')} {r['seconds']:>6}"
         )
 
 
 def main() -> int:
     args = _args()
     args.profiles = args.profiles or str(RESULTS / f"profiles-{args.clock}")
+    if args.rescore:
+        return _rescore(args.rescore, args)
     models = args.models.split(",")
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -288,6 +373,7 @@ def main() -> int:
                 _profile(base, model, args.profiles, args.reprofile, args)
             reprofile = False  # just measured
             backends = args.backends.split(",")
+            _profile(base, PROBE_MODEL, args.profiles, True, args)
             overheads = {
                 b: probe_overheads(apply_condition(base, "lan"), b, args) for b in backends
             }
