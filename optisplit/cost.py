@@ -93,10 +93,11 @@ class Overheads:
             twice to the latency. ``0`` by default; ``bench/fidelity.py`` measures it per runtime
             backend with a probe.
         request_ms: busy time per request a device spends on each stage it runs (or relays)
-            beyond compute and copies; it bounds throughput, not latency (the latency's share
-            of it is in ``message_ms``). ``0`` by default; ``bench/fidelity.py`` measures it per
-            runtime backend with a probe: about 2 ms on the socket backend and 5 ms over RPC on
-            the emulated testbed.
+            beyond compute and copies (its runtime threads, and on a shared host other processes
+            taking its core while requests stream in); it bounds throughput, not latency (the
+            latency's share of it is in ``message_ms``). ``0`` by default;
+            ``bench/fidelity.py`` measures it per runtime backend with a probe: 0.1-1.4 ms on
+            the socket backend and 1.2-3.0 ms over RPC on the emulated testbeds.
     """
 
     message_ms: float = 0.05
