@@ -13,6 +13,11 @@ Definitions (every figure ``optisplit compare`` prints):
   (latency minimised, throughput maximised; pymoo's non-dominated sorting, so exact ties are both
   kept). ``front_precision`` = share of predicted-front plans that are on the measured front;
   ``front_recall`` = share of measured-front plans that the predicted front contains.
+- **repeatability**: when the plans were measured in several rounds (``validate --rounds``), the
+  same MAPE and Spearman figures with each round standing in for the prediction of the next
+  (round 2 against round 1, round 3 against round 2, ...), averaged over the pairs of rounds,
+  over the plans measured in both: how well the measurement agrees with itself, a floor under
+  what any prediction can show (``None`` with a single round).
 - **hypervolume** (pymoo ``HV``) of each front in (latency_ms, -throughput_rps), both against
   one reference point: ``(1.1 × the largest latency, predicted or measured, 0 requests/s)``, so
   the two numbers are directly comparable (they are in ms × requests/s).
@@ -58,6 +63,8 @@ class PlanComparison:
     error: str | None = None
     on_predicted_front: bool = False
     on_measured_front: bool = False
+    measured_rounds: tuple[tuple[float, float], ...] = ()
+    """Each round's measured (latency_ms, throughput_rps) (empty for a single round)."""
 
     @property
     def ok(self) -> bool:
@@ -120,6 +127,9 @@ class Comparison:
     backend: str = "socket"
     study: str | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    repeatability: Mapping[str, float | None] | None = None
+    """Round-against-round ``latency_mape, throughput_mape, latency_spearman,
+    throughput_spearman`` and ``rounds`` (None: measured in one round)."""
 
     @property
     def measured(self) -> tuple[PlanComparison, ...]:
@@ -143,6 +153,7 @@ class Comparison:
             "reference_point": list(self.reference_point) if self.reference_point else None,
             "front_precision": self.front_precision,
             "front_recall": self.front_recall,
+            "repeatability": dict(self.repeatability) if self.repeatability else None,
             "info": dict(self.info),
             "plans": [p.to_dict() for p in self.plans],
         }
@@ -184,7 +195,36 @@ def compare_plans(
         backend=backend,
         study=study,
         info=dict(info or {}),
+        repeatability=_repeatability(ok),
     )
+
+
+def _repeatability(plans: Sequence[PlanComparison]) -> dict[str, float | None] | None:
+    """Round-against-round figures (see the module docstring), or None with one round."""
+    n_rounds = max((len(p.measured_rounds) for p in plans), default=0)
+    if n_rounds < 2:
+        return None
+    figures: dict[str, list[float]] = {}
+    for r in range(1, n_rounds):
+        pairs = [
+            (p.measured_rounds[r - 1], p.measured_rounds[r])
+            for p in plans
+            if len(p.measured_rounds) > r
+        ]
+        for name, i in (("latency", 0), ("throughput", 1)):
+            before, after = [a[i] for a, _ in pairs], [b[i] for _, b in pairs]
+            for kind, value in (
+                ("mape", _mape(before, after)),
+                ("spearman", _spearman(before, after)),
+            ):
+                if value is not None:
+                    figures.setdefault(f"{name}_{kind}", []).append(value)
+    out: dict[str, float | None] = {
+        key: (sum(figures[key]) / len(figures[key]) if key in figures else None)
+        for key in ("latency_mape", "throughput_mape", "latency_spearman", "throughput_spearman")
+    }
+    out["rounds"] = n_rounds
+    return out
 
 
 def measured_backends(study: optuna.Study) -> list[str]:
@@ -266,6 +306,7 @@ def plans_from_results(results: Sequence[Mapping[str, Any]]) -> list[PlanCompari
                 measured_throughput_rps=_opt_float(measured.get("throughput_rps")),
                 outputs_match=result.get("outputs_match", measured.get("outputs_match")),
                 error=str(error) if error else None,
+                measured_rounds=_rounds(measured),
             )
         )
     return plans
@@ -283,7 +324,20 @@ def _plan_from_trial(attrs: Mapping[str, Any], key: str) -> PlanComparison:
         measured_throughput_rps=_opt_float(measured.get("throughput_rps")),
         outputs_match=measured.get("outputs_match"),
         error=str(error) if error else None,
+        measured_rounds=_rounds(measured),
     )
+
+
+def _rounds(measured: Mapping[str, Any]) -> tuple[tuple[float, float], ...]:
+    """The per-round (latency_ms, throughput_rps) of a ``measured`` object (``rounds`` key)."""
+    out = []
+    for entry in measured.get("rounds") or ():
+        latency = _opt_float(entry.get("latency_ms")) if isinstance(entry, Mapping) else None
+        rate = _opt_float(entry.get("throughput_rps")) if isinstance(entry, Mapping) else None
+        if latency is None or rate is None or latency <= 0 or rate <= 0:
+            return ()  # a malformed round: no repeatability rather than a wrong one
+        out.append((latency, rate))
+    return tuple(out)
 
 
 def _with_flags(plan: PlanComparison, on_pred: bool, on_meas: bool) -> PlanComparison:

@@ -86,6 +86,7 @@ class DemoResult:
             "throughput_spearman": c.throughput_spearman,
             "front_precision": c.front_precision,
             "front_recall": c.front_recall,
+            "repeatability": dict(c.repeatability) if c.repeatability else None,
             "seconds": dict(self.seconds),
             "dashboard": f"optisplit dashboard --storage {self.storage}",
         }

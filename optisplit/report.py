@@ -118,8 +118,17 @@ def comparison_markdown(comparison: Comparison, *, plot: str | None = None) -> s
         f"| front precision | {_fmt(comparison.front_precision)} |",
         f"| front recall | {_fmt(comparison.front_recall)} |",
         f"| plans measured / failed | {len(comparison.measured)} / {len(comparison.failed)} |",
-        "",
     ]
+    repeat = comparison.repeatability
+    if repeat:
+        lines += [
+            f"| round-to-round latency MAPE ({repeat['rounds']} rounds) "
+            f"| {_pct(repeat['latency_mape'])} |",
+            f"| round-to-round throughput MAPE | {_pct(repeat['throughput_mape'])} |",
+            f"| round-to-round latency Spearman | {_fmt(repeat['latency_spearman'])} |",
+            f"| round-to-round throughput Spearman | {_fmt(repeat['throughput_spearman'])} |",
+        ]
+    lines += [""]
     if plot:
         lines += [f"![predicted vs measured]({plot})", ""]
     lines += _plan_table(comparison)
@@ -127,7 +136,8 @@ def comparison_markdown(comparison: Comparison, *, plot: str | None = None) -> s
         "",
         "Errors are (predicted − measured) / measured. Fronts: latency minimised, throughput "
         "maximised; P = on the predicted front, M = on the measured front. Hypervolumes use the "
-        "same reference point for both fronts.",
+        "same reference point for both fronts. Round-to-round figures compare each measuring "
+        "round with the next over the same plans: how well the measurement repeats.",
         "",
     ]
     return "\n".join(lines)

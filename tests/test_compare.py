@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,13 @@ import optuna
 import pytest
 
 from optisplit.cli import main
-from optisplit.compare import PlanComparison, compare_plans, compare_study, measured_backends
+from optisplit.compare import (
+    PlanComparison,
+    compare_plans,
+    compare_study,
+    measured_backends,
+    plans_from_results,
+)
 from optisplit.errors import StudyError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -91,6 +98,66 @@ def test_spearman_is_none_when_undefined() -> None:
     assert empty.front_precision is None
 
 
+# per plan of ROWS: three rounds of measured (latency, throughput)
+ROUNDS = [
+    [(11.0, 90.0), (12.0, 100.0), (11.0, 90.0)],
+    [(19.0, 160.0), (19.0, 150.0), (20.0, 160.0)],
+    [(44.0, 50.0), (40.0, 50.0), (44.0, 60.0)],
+    [(32.0, 170.0), (32.0, 160.0), (32.0, 170.0)],
+]
+
+
+def test_repeatability_compares_each_round_with_the_next() -> None:
+    plans = [
+        dataclasses.replace(p, measured_rounds=tuple(r)) for p, r in zip(_plans(ROWS), ROUNDS)
+    ]
+    repeat = compare_plans(plans).repeatability
+    assert repeat is not None and repeat["rounds"] == 3
+
+    def mape(i: int, a: int, b: int) -> float:  # round b against round a, objective i
+        return 100 * sum(abs(r[b][i] - r[a][i]) / r[b][i] for r in ROUNDS) / len(ROUNDS)
+
+    assert repeat["latency_mape"] == pytest.approx((mape(0, 0, 1) + mape(0, 1, 2)) / 2)
+    assert repeat["throughput_mape"] == pytest.approx((mape(1, 0, 1) + mape(1, 1, 2)) / 2)
+    # latency ranks 1,2,4,3 in every round
+    assert repeat["latency_spearman"] == pytest.approx(1.0)
+    # throughput round 1 -> 2: [90,160,50,170] vs [100,150,50,160], ranks 2,3,1,4 vs 2,3,1,4
+    # round 2 -> 3: [100,150,50,160] vs [90,160,60,170], ranks 2,3,1,4 vs 2,3,1,4
+    assert repeat["throughput_spearman"] == pytest.approx(1.0)
+    one_round = [dataclasses.replace(p, measured_rounds=(r[0],)) for p, r in zip(plans, ROUNDS)]
+    assert compare_plans(one_round).repeatability is None
+    assert compare_plans(_plans(ROWS)).repeatability is None
+
+
+def test_repeatability_from_validate_results_and_its_rank_disagreement() -> None:
+    rounds = [
+        [(10.0, 100.0), (10.0, 120.0)],
+        [(20.0, 110.0), (20.0, 100.0)],
+        [(30.0, 90.0), (30.0, 80.0)],
+    ]
+    results = [
+        {
+            "plan": f"a[0:{i + 1}]",
+            "predicted": {"latency_ms": 10.0 * (i + 1), "throughput_rps": 100.0},
+            "measured": _measured(
+                10.0 * (i + 1),
+                100.0,
+                rounds=[{"latency_ms": a, "throughput_rps": b} for a, b in r],
+            ),
+            "outputs_match": True,
+            "error": None,
+        }
+        for i, r in enumerate(rounds)
+    ]
+    comparison = compare_plans(plans_from_results(results))
+    repeat = comparison.repeatability
+    assert repeat is not None and repeat["rounds"] == 2
+    # throughput ranks 2,3,1 then 3,2,1: rho = 1 - 6 * (1 + 1 + 0) / (3 * 8) = 0.5
+    assert repeat["throughput_spearman"] == pytest.approx(0.5)
+    assert repeat["latency_mape"] == pytest.approx(0.0)
+    assert comparison.to_dict()["repeatability"] == repeat
+
+
 def _measured(latency: float, throughput: float, **extra: Any) -> dict[str, Any]:
     return {
         "latency_ms": latency,
@@ -112,6 +179,7 @@ def make_study(
     backends: tuple[str, ...] = ("socket",),
     storage: str | None = None,
     name: str = "demo-study",
+    rounds: list[list[tuple[float, float]]] | None = None,
 ) -> optuna.Study:
     """A study shaped like search + validate write it (shared with test_report)."""
     study = optuna.create_study(
@@ -126,7 +194,10 @@ def make_study(
         "profiles_root": "profiles",
     }.items():
         study.set_user_attr(key, value)
-    for plan, pred, meas in rows:
+    for i, (plan, pred, meas) in enumerate(rows):
+        extra = {}
+        if rounds is not None:
+            extra["rounds"] = [{"latency_ms": a, "throughput_rps": b} for a, b in rounds[i]]
         attrs: dict[str, Any] = {
             "plan": plan,
             "engine": "exact",
@@ -138,7 +209,7 @@ def make_study(
             "on_front": True,
         }
         for backend in backends:
-            attrs[f"measured_{backend}"] = _measured(*meas)
+            attrs[f"measured_{backend}"] = _measured(*meas, **extra)
         study.add_trial(optuna.trial.create_trial(values=list(pred), user_attrs=attrs))
     # a predicted-only trial (never validated) is ignored by compare
     study.add_trial(
@@ -173,6 +244,19 @@ def test_compare_study_reads_trials_and_picks_the_backend() -> None:
     ):
         assert key in doc
     assert math.isfinite(doc["hv_measured"])
+
+
+def test_compare_study_reads_the_rounds() -> None:
+    from optisplit.report import comparison_markdown
+
+    comparison = compare_study(make_study(rounds=ROUNDS))
+    repeat = comparison.repeatability
+    assert repeat is not None and repeat["rounds"] == 3
+    assert repeat["latency_spearman"] == pytest.approx(1.0)
+    assert "| round-to-round throughput Spearman | 1 |" in comparison_markdown(comparison)
+    single = compare_study(make_study(name="single"))
+    assert single.repeatability is None
+    assert "round-to-round" not in comparison_markdown(single).split("| plan")[0]
 
 
 def test_compare_study_without_measurements_is_a_one_line_error() -> None:

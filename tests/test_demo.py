@@ -90,6 +90,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert doc["study"] == "d1" and doc["testbed"] == "demotest" and doc["emulated"]
     assert doc["front"], "the exact front is never empty"
     assert doc["latency_mape"] is not None and doc["throughput_mape"] is not None
+    assert doc["repeatability"]["rounds"] == 2  # the demo measures in 2 rounds
     report = Path(doc["report"]).read_text()
     assert "latency MAPE" in report and doc["front"][0] in report
     assert Path(doc["plot"]).read_bytes()[:4] == b"\x89PNG"

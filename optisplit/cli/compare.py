@@ -112,6 +112,17 @@ def _print(comparison: Comparison) -> None:
         ["front precision", _or_dash(comparison.front_precision)],
         ["front recall", _or_dash(comparison.front_recall)],
     ]
+    repeat = comparison.repeatability
+    if repeat:
+        summary += [
+            [
+                f"round-to-round latency MAPE % ({repeat['rounds']} rounds)",
+                _or_dash(repeat["latency_mape"]),
+            ],
+            ["round-to-round throughput MAPE %", _or_dash(repeat["throughput_mape"])],
+            ["round-to-round latency Spearman", _or_dash(repeat["latency_spearman"])],
+            ["round-to-round throughput Spearman", _or_dash(repeat["throughput_spearman"])],
+        ]
     print_table(["figure", "value"], summary)
 
 

@@ -141,6 +141,14 @@ def _print(result: DemoResult) -> None:
         ),
         ("front precision / recall", f"{_num(c.front_precision)} / {_num(c.front_recall)}"),
     ]
+    if c.repeatability:
+        r = c.repeatability
+        figures.append(
+            (
+                "round to round (how well the measurement repeats): MAPE latency / throughput",
+                f"{_pct(r['latency_mape'])} / {_pct(r['throughput_mape'])}",
+            )
+        )
     for label, value in figures:
         print(f"{label}: {value}")
     print(f"\nreport: {result.report}\nplot:   {result.plot}")
