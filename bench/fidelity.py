@@ -247,22 +247,19 @@ def _case(
 def _diagnostics(cost: Any, results: list[dict[str, Any]], backend: str) -> dict[str, Any]:
     """Errors that tell the model's share from the host's: the same measurements against
     predictions from each stage's measured compute (what is left is not the devices' speed
-    drifting between profile and run), and round 1 against round 2 (how well the measurement
-    agrees with itself)."""
-    out = {}
-    pairs = (
-        ("given_measured_compute", _given_compute(cost, results)),
-        ("round_vs_round", _round_pairs(results)),
-    )
-    for key, scored in pairs:
-        comparison = compare_plans(plans_from_results(scored), backend=backend)
-        out[key] = {
-            "latency_mape": comparison.latency_mape,
-            "throughput_mape": comparison.throughput_mape,
-            "latency_spearman": comparison.latency_spearman,
-            "throughput_spearman": comparison.throughput_spearman,
-        }
-    return out
+    drifting between profile and run), and round against round (``compare``'s repeatability:
+    how well the measurement agrees with itself)."""
+    given = compare_plans(plans_from_results(_given_compute(cost, results)), backend=backend)
+    repeat = compare_plans(plans_from_results(results), backend=backend).repeatability
+    return {
+        "given_measured_compute": {
+            "latency_mape": given.latency_mape,
+            "throughput_mape": given.throughput_mape,
+            "latency_spearman": given.latency_spearman,
+            "throughput_spearman": given.throughput_spearman,
+        },
+        "round_vs_round": dict(repeat or {}),
+    }
 
 
 def _rescore(path: str, args: argparse.Namespace) -> int:
@@ -296,17 +293,6 @@ def _given_compute(cost: Any, results: list[dict[str, Any]]) -> list[dict[str, A
         finally:
             del cost.compute_ms  # the profile's again
         out.append({**result, "predicted": predicted})
-    return out
-
-
-def _round_pairs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each plan's first round as its "prediction" and its second as its measurement."""
-    out = []
-    for result in results:
-        rounds = (result.get("measured") or {}).get("rounds") or []
-        if len(rounds) >= 2:
-            measured = {**result["measured"], **rounds[1]}
-            out.append({**result, "predicted": rounds[0], "measured": measured})
     return out
 
 
