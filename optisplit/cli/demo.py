@@ -141,14 +141,18 @@ def _print(result: DemoResult) -> None:
         ),
         ("front precision / recall", f"{_num(c.front_precision)} / {_num(c.front_recall)}"),
     ]
-    if c.repeatability:
+    if c.repeatability:  # the same figures between measuring rounds: the noise floor
         r = c.repeatability
-        figures.append(
+        figures += [
             (
-                "round to round (how well the measurement repeats): MAPE latency / throughput",
+                "round to round: MAPE latency / throughput",
                 f"{_pct(r['latency_mape'])} / {_pct(r['throughput_mape'])}",
-            )
-        )
+            ),
+            (
+                "round to round: Spearman latency / throughput",
+                f"{_num(r['latency_spearman'])} / {_num(r['throughput_spearman'])}",
+            ),
+        ]
     for label, value in figures:
         print(f"{label}: {value}")
     print(f"\nreport: {result.report}\nplot:   {result.plot}")
