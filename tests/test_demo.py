@@ -110,11 +110,13 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     )
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:  # until validation starts
-        if (tmp_path / "studies.db").exists() and "d2" in optuna.get_all_study_names(url):
+    # until the first plan's results are written (the storage is not opened meanwhile: two
+    # processes creating its schema at once collide)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (tmp_path / "studies" / "d2").exists():
             break
         time.sleep(0.5)
-    time.sleep(2)
+    time.sleep(1)
     assert _namespaces("demoint"), "the testbed is up while validating"
     children = _children(proc.pid)
     assert children, "validation runs worker processes"
