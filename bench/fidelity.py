@@ -126,15 +126,15 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
     ``handoff_ms`` is the mean of the two local hand-offs (client -> first stage at the source,
     last stage -> client at the sink); ``message_ms`` is the median, over the cross-device hops,
     of hop time - one-way delay - wire time - copy time (``Overheads`` defaults for the copy).
-    Then deploys ``other[0:B]`` (the source relays input and output) with enough requests in
-    flight to keep it busy: ``request_ms`` is what its period per request leaves beyond the
-    stage's compute as its profile predicts it, and copies, read with the cost model's rule (the
-    stage's device pays ``request_ms`` once, the relay twice; the period is the larger of the
-    two). The profile, not the stage's measured compute: the worker's own I/O threads and the
-    emulation's other processes take the core from the computing thread while requests stream
-    in, so the measured compute windows stretch (their wall time, not their work) and would hide
-    the very cost ``request_ms`` stands for. ``bench/fidelity.py`` profiles the probe model right
-    before, like the models under test.
+    Then deploys ``other[0:B]`` (the source relays input and output), in two rounds, with enough
+    requests in flight to keep it busy: ``request_ms`` is what its period per request leaves
+    beyond the stage's compute and copies, read with the cost model's rule (the stage's device
+    pays ``request_ms`` once, the relay twice; the period is the larger of the two). The compute
+    is the stage's own, measured in the same run one request at a time (the latency phase): what
+    streaming requests add to it is what ``request_ms`` stands for. Not the probe model's
+    profile: how far a profile is off its run differs from model to model (the probe model's
+    whole-model profile has been 20 % under its run on a device where mobilenet_v2's was 6 %
+    over), and ``request_ms`` would carry the probe model's error into every prediction.
     """
     from optisplit.chain import load_chain
 
@@ -151,6 +151,7 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
         requests=max(args.requests, 40),
         warmup=args.warmup,
         depth=4,
+        rounds=2,
         window_s=args.window,
         profiles_root=args.profiles,
         out_dir=RESULTS / "fidelity" / f"probe-{bed.name}-{backend}",
@@ -173,8 +174,7 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
     message = sorted(residuals)[len(residuals) // 2] if residuals else base.message_ms
     measured = results[1]["measured"]
     period = 1000.0 / measured["throughput_rps"]
-    cost = load_cost_model(PROBE_MODEL, bed, profiles_root=args.profiles, overheads=base)
-    compute = cost.compute_ms(other, 0, chain.n_blocks)
+    (compute,) = [s["compute_ms"] for s in measured["stages"] if s["device"] == other]
     moved = base.copy_ms(chain.input_bytes) + base.copy_ms(chain.output_bytes)
     request = min(period - compute - moved, (period - moved) / 2)
     return Overheads(
@@ -359,7 +359,6 @@ def main() -> int:
                 _profile(base, model, args.profiles, args.reprofile, args)
             reprofile = False  # just measured
             backends = args.backends.split(",")
-            _profile(base, PROBE_MODEL, args.profiles, True, args)
             overheads = {
                 b: probe_overheads(apply_condition(base, "lan"), b, args) for b in backends
             }
