@@ -342,6 +342,12 @@ def _print(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _probe(bed: Testbed, backend: str, args: argparse.Namespace) -> Overheads:
+    overheads = probe_overheads(bed, backend, args)
+    print(f"{bed.name} {backend}: {overheads}", flush=True)
+    return overheads
+
+
 def main() -> int:
     args = _args()
     args.profiles = args.profiles or str(RESULTS / f"profiles-{args.clock}")
@@ -359,19 +365,21 @@ def main() -> int:
                 _profile(base, model, args.profiles, args.reprofile, args)
             reprofile = False  # just measured
             backends = args.backends.split(",")
-            overheads = {
-                b: probe_overheads(apply_condition(base, "lan"), b, args) for b in backends
-            }
-            for backend, value in overheads.items():
-                print(f"{name} {backend}: {value}")
+            overheads: dict[str, Overheads] = {}
             for condition in args.conditions.split(","):
                 bed = apply_condition(base, condition)
+                if condition != "lan" and any(b not in overheads for b in backends):
+                    lan = apply_condition(base, "lan")  # the probe needs fast links
+                    emulate.up(lan, check=not args.skip_checks)
+                    overheads.update({b: _probe(lan, b, args) for b in backends})
                 emulate.up(bed, check=not args.skip_checks)
                 for model in models:
                     # fresh profiles right before the model's cases: this host's speed drifts
                     _profile(base, model, args.profiles, reprofile, args)
                     reprofile = args.reprofile
                     for backend in backends:
+                        if condition == "lan":  # probed right before: the overheads drift too
+                            overheads[backend] = _probe(bed, backend, args)
                         rows.append(
                             _case(bed, condition, model, backend, overheads[backend], args)
                         )
