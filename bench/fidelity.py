@@ -15,8 +15,10 @@ times by the device's CPU quota).
 Each device's profile is spread over ``--spread`` seconds and every front plan is validated in
 ``--rounds`` interleaved rounds (this host's speed wanders by 10-20 % over seconds), each
 throughput measurement lasting at least ``--window`` seconds (``optisplit validate --window``).
-The probe also measures the backend's per-request busy time (``Overheads.request_ms``); ``thr0 MAPE%`` is
-the throughput error of the same measurements against predictions without that term.
+Right before each ``lan`` case a probe measures the backend's per-message, hand-off and
+per-request costs (``Overheads``; they drift by a millisecond or two over minutes here); ``wifi``
+and ``constrained`` cases reuse the last probe. ``thr0 MAPE%`` is the throughput error of the
+same measurements against predictions without ``request_ms``.
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).

@@ -96,8 +96,9 @@ class Overheads:
             beyond compute and copies (its runtime threads, and on a shared host other processes
             taking its core while requests stream in); it bounds throughput, not latency (the
             latency's share of it is in ``message_ms``). ``0`` by default;
-            ``bench/fidelity.py`` measures it per runtime backend with a probe: 0.1-1.4 ms on
-            the socket backend and 1.2-3.0 ms over RPC on the emulated testbeds.
+            ``bench/fidelity.py`` measures it per runtime backend with a probe: 0-1.8 ms on the
+            socket backend and 0.8-3.7 ms over RPC on the emulated testbeds, drifting by a
+            millisecond or two over minutes.
     """
 
     message_ms: float = 0.05
