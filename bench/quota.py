@@ -117,10 +117,10 @@ def main() -> int:
     print(head)
     print("-" * len(head))
     for row in rows:
-        period = "-" if row["period_us"] is None else str(row["period_us"])
+        shown = "-" if row["period_us"] is None else str(row["period_us"])
         ratio = row["wall_ms"] / row["cpu_ms"]
         print(
-            f"{row['where']:<16}{period:>10}{row['gap_s'] * 1e3:>8.0f}{row['wall_ms']:>9.1f}"
+            f"{row['where']:<16}{shown:>10}{row['gap_s'] * 1e3:>8.0f}{row['wall_ms']:>9.1f}"
             f"{row['cpu_ms']:>8.1f}{ratio:>7.2f}"
         )
     print(f"the cost model assumes x cpu = {1 / quota:.2f} in the sandboxes (1.00 on a bare core)")

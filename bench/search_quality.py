@@ -130,8 +130,9 @@ def _table(rows: list[dict[str, object]]) -> None:
         table.append(cells)
     widths = [max(len(str(c)), *(len(str(r[i])) for r in table)) for i, c in enumerate(columns)]
     print("search quality against the exact front")
-    for cells in [columns, *table]:
-        print("  ".join(str(v).rjust(w) for v, w in zip(cells, widths)))
+    lines: list[list[object]] = [list(columns), *table]
+    for line in lines:
+        print("  ".join(str(v).rjust(w) for v, w in zip(line, widths)))
 
 
 def _summary(rows: list[dict[str, object]], seconds: float) -> dict[str, object]:
