@@ -135,7 +135,7 @@ def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Ove
     is the stage's own, measured in the same run one request at a time (the latency phase): what
     streaming requests add to it is what ``request_ms`` stands for. Not the probe model's
     profile: how far a profile is off its run differs from model to model (the probe model's
-    whole-model profile has been 20 % under its run on a device where mobilenet_v2's was 6 %
+    whole-model profile has been 19 % under its run on a device where mobilenet_v2's was 7 %
     over), and ``request_ms`` would carry the probe model's error into every prediction.
     """
     from optisplit.chain import load_chain
