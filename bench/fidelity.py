@@ -4,20 +4,21 @@ For each testbed (``local``: 2 devices, ``local3``: 3 devices), each model, each
 wifi, constrained) and each backend (socket, rpc): bring the emulated testbed up under that
 condition, search the exact front with the cost model, validate every front plan, and report
 latency and throughput MAPE, Spearman per objective and front precision/recall
-(``optisplit.compare``). Profiles are measured first inside each device's sandbox, by default
-with the CPU clock (immune to other processes on a shared host; the cost model divides CPU-clock
-times by the device's CPU quota).
+(``optisplit.compare``). Each model is profiled on every device inside its sandbox right before
+its first cases on a testbed, by default with the CPU clock (immune to other processes on a
+shared host; the cost model divides CPU-clock times by the device's CPU quota).
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
         [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
-        [--window 2] [--repeats 40] [--spread 20] [--clock cpu] [--reprofile]
+        [--window 2] [--repeats 40] [--spread 20] [--clock cpu] [--reprofile | --reuse-profiles]
 
 Each device's profile is spread over ``--spread`` seconds and every front plan is validated in
 ``--rounds`` interleaved rounds (this host's speed wanders by 10-20 % over seconds), each
 throughput measurement lasting at least ``--window`` seconds (``optisplit validate --window``).
-Right before each ``lan`` case a probe measures the backend's per-message, hand-off and
-per-request costs (``Overheads``; they drift by a millisecond or two over minutes here); ``wifi``
-and ``constrained`` cases reuse the last probe. ``thr0 MAPE%`` is the throughput error of the
+Right before each ``lan`` case the backend is calibrated (:mod:`optisplit.calibrate`, as
+``optisplit calibrate``: per-message, hand-off and per-request costs; they drift by a millisecond
+or two over minutes here); ``wifi`` and ``constrained`` cases reuse the last calibration (the
+probe needs fast links). ``thr0 MAPE%`` is the throughput error of the
 same measurements against predictions without ``request_ms``.
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not bench/: its scripts would shadow modules (profile)
 
 from optisplit import emulate  # noqa: E402
+from optisplit.calibrate import calibrate_overheads  # noqa: E402
 from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
 from optisplit.cost import Overheads, load_cost_model  # noqa: E402
 from optisplit.plan import Plan  # noqa: E402
@@ -92,7 +94,13 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--reprofile",
         action="store_true",
-        help="profile again before each condition (default: reuse profiles found on disk)",
+        help="profile again before each condition (default: once per testbed, each model "
+        "right before its first cases)",
+    )
+    parser.add_argument(
+        "--reuse-profiles",
+        action="store_true",
+        help="use profiles found on disk instead of measuring them (quick reruns; they drift)",
     )
     parser.add_argument("--skip-checks", action="store_true", help="do not probe the testbed")
     parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
@@ -116,72 +124,6 @@ def _profile(
         argv += ["--out", root, "--clock", args.clock, "--repeats", str(args.repeats)]
         argv += ["--spread", str(args.spread), "--json"]
         subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-
-
-PROBE_MODEL = "mobilenet_v3_small"
-
-
-def probe_overheads(bed: Testbed, backend: str, args: argparse.Namespace) -> Overheads:
-    """Measure the runtime's per-message and per-request costs with a probe model not under test.
-
-    First deploys ``source[0:c] -> other[c:B]`` of a small model and reads the median hop times:
-    ``handoff_ms`` is the mean of the two local hand-offs (client -> first stage at the source,
-    last stage -> client at the sink); ``message_ms`` is the median, over the cross-device hops,
-    of hop time - one-way delay - wire time - copy time (``Overheads`` defaults for the copy).
-    Then deploys ``other[0:B]`` (the source relays input and output), in two rounds, with enough
-    requests in flight to keep it busy: ``request_ms`` is what its period per request leaves
-    beyond the stage's compute and copies, read with the cost model's rule (the stage's device
-    pays ``request_ms`` once, the relay twice; the period is the larger of the two). The compute
-    is the stage's own, measured in the same run one request at a time (the latency phase): what
-    streaming requests add to it is what ``request_ms`` stands for. Not the probe model's
-    profile: how far a profile is off its run differs from model to model (the probe model's
-    whole-model profile has been 19 % under its run on a device where mobilenet_v2's was 7 %
-    over), and ``request_ms`` would carry the probe model's error into every prediction.
-    """
-    from optisplit.chain import load_chain
-
-    chain = load_chain(PROBE_MODEL)
-    other = next(d for d in bed.devices if d != bed.source)
-    cut = chain.n_blocks // 2
-    split = f"{bed.source}[0:{cut}] -> {other}[{cut}:{chain.n_blocks}]"
-    alone = f"{other}[0:{chain.n_blocks}]"
-    results = validate_plans(
-        PROBE_MODEL,
-        bed,
-        [split, alone],
-        backend=backend,
-        requests=max(args.requests, 40),
-        warmup=args.warmup,
-        depth=4,
-        rounds=2,
-        window_s=args.window,
-        profiles_root=args.profiles,
-        out_dir=RESULTS / "fidelity" / f"probe-{bed.name}-{backend}",
-    )
-    failed = [r for r in results if not r["measured"]]
-    if failed:
-        raise SystemExit(f"probe of {bed.name} ({backend}) failed: {failed[0]['error']}")
-    hops = results[0]["measured"]["transfers"]
-    handoff = (hops[0]["ms"] + hops[-1]["ms"]) / 2
-    sizes = {(bed.source, other): chain.cuts[cut - 1].bytes, (other, bed.sink): chain.output_bytes}
-    base = Overheads()
-    residuals = []
-    for hop in hops[1:-1]:
-        nbytes = sizes.get((hop["src"], hop["dst"]))
-        if nbytes is None or hop["src"] == hop["dst"]:
-            continue
-        link = bed.route(hop["src"], hop["dst"])
-        wire = sum(h.rtt_ms / 2 for h in link) + nbytes * 8 / (min(h.mbps for h in link) * 1e3)
-        residuals.append(hop["ms"] - wire - base.copy_ms(nbytes))
-    message = sorted(residuals)[len(residuals) // 2] if residuals else base.message_ms
-    measured = results[1]["measured"]
-    period = 1000.0 / measured["throughput_rps"]
-    (compute,) = [s["compute_ms"] for s in measured["stages"] if s["device"] == other]
-    moved = base.copy_ms(chain.input_bytes) + base.copy_ms(chain.output_bytes)
-    request = min(period - compute - moved, (period - moved) / 2)
-    return Overheads(
-        message_ms=max(message, 0.0), handoff_ms=handoff, request_ms=max(request, 0.0)
-    )
 
 
 def _case(
@@ -345,7 +287,10 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 
 def _probe(bed: Testbed, backend: str, args: argparse.Namespace) -> Overheads:
-    overheads = probe_overheads(bed, backend, args)
+    calibration = calibrate_overheads(
+        bed, backend, requests=max(args.requests, 40), warmup=args.warmup, window_s=args.window
+    )
+    overheads = calibration.overheads()
     print(f"{bed.name} {backend}: {overheads}", flush=True)
     return overheads
 
@@ -363,9 +308,7 @@ def main() -> int:
         was_up = emulate.is_up(base)
         try:
             emulate.up(apply_condition(base, "lan"), check=not args.skip_checks)
-            for model in models:
-                _profile(base, model, args.profiles, args.reprofile, args)
-            reprofile = False  # just measured
+            reprofile = not args.reuse_profiles  # fresh profiles on each testbed
             backends = args.backends.split(",")
             overheads: dict[str, Overheads] = {}
             for condition in args.conditions.split(","):
@@ -376,9 +319,8 @@ def main() -> int:
                     overheads.update({b: _probe(lan, b, args) for b in backends})
                 emulate.up(bed, check=not args.skip_checks)
                 for model in models:
-                    # fresh profiles right before the model's cases: this host's speed drifts
+                    # profiled right before the model's cases: this host's speed drifts
                     _profile(base, model, args.profiles, reprofile, args)
-                    reprofile = args.reprofile
                     for backend in backends:
                         if condition == "lan":  # probed right before: the overheads drift too
                             overheads[backend] = _probe(bed, backend, args)
@@ -387,6 +329,7 @@ def main() -> int:
                         )
                         _print(rows[-1:])
                         _write(args, rows, started)  # as it goes: a long run keeps its rows
+                reprofile = args.reprofile  # profiled again before each condition, if asked
         finally:
             if not was_up:
                 emulate.down(base.name)

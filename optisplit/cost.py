@@ -90,15 +90,17 @@ class Overheads:
             the block medians (see the module docstring); ``False`` sums the medians.
         handoff_ms: cost of handing the input to the pipeline at the source and taking the
             output from it at the sink (a local message each, on top of any transfer); added
-            twice to the latency. ``0`` by default; ``bench/fidelity.py`` measures it per runtime
-            backend with a probe.
+            twice to the latency. ``0`` by default; ``optisplit calibrate`` measures it.
         request_ms: busy time per request a device spends on each stage it runs (or relays)
             beyond compute and copies (its runtime threads, and on a shared host other processes
             taking its core while requests stream in); it bounds throughput, not latency (the
             latency's share of it is in ``message_ms``). ``0`` by default;
-            ``bench/fidelity.py`` measures it per runtime backend with a probe: 0-1.8 ms on the
+            ``optisplit calibrate`` measures it per runtime backend with a probe: 0-1.8 ms on the
             socket backend and 0.8-3.7 ms over RPC on the emulated testbeds, drifting by a
             millisecond or two over minutes.
+
+    ``message_ms``, ``handoff_ms`` and ``request_ms`` depend on the runtime backend and the host:
+    ``optisplit calibrate`` measures them per testbed and backend (:mod:`optisplit.calibrate`).
     """
 
     message_ms: float = 0.05
@@ -462,15 +464,24 @@ def load_cost_model(
     granularity: str = "coarse",
     overheads: Overheads | None = None,
     depth: int | None = None,
+    backend: str | None = None,
 ) -> CostModel:
     """Build a cost model from the profile files of every testbed device.
 
     Each device reads ``profile_path(profiles_root, device.profile, model, batch_size,
-    granularity)`` and scales it by ``device.scale``.
+    granularity)`` and scales it by ``device.scale``. Without ``overheads``, a ``backend``
+    (socket, rpc) selects that runtime's calibration of this testbed
+    (``<profiles_root>/overheads/<testbed>-<backend>.json``, :mod:`optisplit.calibrate`) where
+    one is stored; otherwise the defaults of :class:`Overheads` apply.
 
     Raises:
-        ProfileError: a missing profile names the device and the file it looked for.
+        ProfileError: a missing profile names the device and the file it looked for; a
+            calibration file that cannot be read.
     """
+    if overheads is None and backend is not None:
+        from optisplit.calibrate import calibrated_overheads
+
+        overheads = calibrated_overheads(testbed.name, backend, root=profiles_root)
     loaded: dict[str, BlockProfile] = {}
     profiles: dict[str, BlockProfile] = {}
     for name, device in testbed.devices.items():

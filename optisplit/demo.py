@@ -7,19 +7,24 @@
    emulation layer warns about it;
 2. profile the model on each device inside that device's sandbox (``optisplit profile --testbed``),
    unless a profile measured there already exists;
-3. search the exact front and record every front plan in a new study;
-4. validate every front plan on the chosen runtime backend (measurements go into the study);
-5. compare predicted with measured and write the overlay plot and markdown report under
+3. calibrate the runtime backend's overheads on the testbed (``optisplit calibrate``; stored
+   under ``<profiles>/overheads/``, where later searches of this testbed find it); a testbed
+   whose links are too slow for the probe is predicted with the default overheads, with a
+   warning;
+4. search the exact front with those overheads and record every front plan in a new study;
+5. validate every front plan on the chosen runtime backend (measurements go into the study);
+6. compare predicted with measured and write the overlay plot and markdown report under
    ``<out>/<study>/``.
 
 The run is all or nothing: when it fails or is interrupted (Ctrl-C), the testbed is brought down
 (if the demo brought it up), workers are stopped by the validation layer, and the study and its
-folder are deleted; profile files are only ever replaced whole (atomic writes).
+folder are deleted; profile and calibration files are only ever replaced whole (atomic writes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import subprocess
@@ -31,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optisplit.errors import OptisplitError
+from optisplit.errors import OptisplitError, UsageError
 
 if TYPE_CHECKING:
+    from optisplit.calibrate import Calibration
     from optisplit.compare import Comparison
+    from optisplit.cost import Overheads
     from optisplit.testbed import Testbed
 
 __all__ = ["DEFAULT_MODEL", "DemoResult", "run_demo"]
@@ -43,7 +50,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_TESTBED = "local"
-STEPS = ("testbed", "profile", "search", "validate", "compare")
+STEPS = ("testbed", "profile", "calibrate", "search", "validate", "compare")
 
 StepCallback = Callable[[str, str], None]
 """Called with (step name, detail) when a step starts."""
@@ -65,6 +72,10 @@ class DemoResult:
     front: tuple[str, ...]
     comparison: Comparison
     seconds: dict[str, float] = field(default_factory=dict)
+    overheads: dict[str, float] = field(default_factory=dict)
+    """The runtime terms the predictions used (``message_ms``, ``handoff_ms``, ``request_ms``)."""
+    calibrated: bool = False
+    """Whether ``overheads`` were calibrated on the testbed (else the defaults)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``demo --json`` object."""
@@ -87,6 +98,8 @@ class DemoResult:
             "front_precision": c.front_precision,
             "front_recall": c.front_recall,
             "repeatability": dict(c.repeatability) if c.repeatability else None,
+            "overheads": dict(self.overheads),
+            "calibrated": self.calibrated,
             "seconds": dict(self.seconds),
             "dashboard": f"optisplit dashboard --storage {self.storage}",
         }
@@ -181,7 +194,9 @@ def _run_steps(
     seconds: dict[str, float],
 ) -> DemoResult:
     from optisplit import emulate, store
+    from optisplit.calibrate import calibrate_overheads, save_calibration
     from optisplit.compare import compare_study
+    from optisplit.cost import Overheads
     from optisplit.report import plot_comparison, write_comparison_report
     from optisplit.validate import validate_plans
 
@@ -198,9 +213,21 @@ def _run_steps(
                 spread_s=profile_spread_s,
                 reprofile=reprofile,
             )
+    with _timed(seconds, "calibrate"):
+        step("calibrate", f"calibrating the {backend} runtime's overheads")
+        calibration: Calibration | None = None
+        try:
+            calibration = calibrate_overheads(
+                bed, backend, requests=max(4 * requests, 12), rounds=rounds, window_s=window_s
+            )
+        except UsageError as exc:  # links too slow for the probe: predict without it
+            log.warning("predicting with the default overheads: %s", exc)
+        else:
+            save_calibration(calibration, root=profiles_root)
+    overheads = Overheads() if calibration is None else calibration.overheads()
     with _timed(seconds, "search"):
         step("search", "searching the exact front")
-        study, front = _search(model, bed, url, name, profiles_root)
+        study, front = _search(model, bed, url, name, profiles_root, overheads)
     with _timed(seconds, "validate"):
         step("validate", f"validating {len(front)} plans ({backend})")
         validate_plans(
@@ -215,6 +242,7 @@ def _run_steps(
             study=study,
             out_dir=folder,
             profiles_root=profiles_root,
+            calibrated=calibration is not None,
         )
     with _timed(seconds, "compare"):
         step("compare", "comparing predicted with measured")
@@ -237,6 +265,12 @@ def _run_steps(
         front=tuple(front),
         comparison=comparison,
         seconds=seconds,
+        overheads={
+            "message_ms": overheads.message_ms,
+            "handoff_ms": overheads.handoff_ms,
+            "request_ms": overheads.request_ms,
+        },
+        calibrated=calibration is not None,
     )
 
 
@@ -266,12 +300,14 @@ def _profile(
         raise OptisplitError(f"profiling {model} on {device} failed: {lines[-1]}")
 
 
-def _search(model: str, bed: Testbed, url: str, name: str, root: str) -> tuple[Any, list[str]]:
+def _search(
+    model: str, bed: Testbed, url: str, name: str, root: str, overheads: Overheads
+) -> tuple[Any, list[str]]:
     from optisplit import store
     from optisplit.cost import load_cost_model
     from optisplit.search import get_engine
 
-    cost = load_cost_model(model, bed, profiles_root=root)
+    cost = load_cost_model(model, bed, profiles_root=root, overheads=overheads)
     evaluated: list[Any] = []
     result = get_engine("exact")().run(cost, on_evaluate=evaluated.append)
     front = [str(e.plan) for e in result.front]
@@ -282,6 +318,7 @@ def _search(model: str, bed: Testbed, url: str, name: str, root: str) -> tuple[A
         "granularity": "coarse",
         "condition": None,
         "profiles_root": root,
+        "overheads": dataclasses.asdict(cost.overheads),
     }
     study = store.create_study(name, url, attrs=attrs)
     recorded = {str(e.plan) for e in evaluated}

@@ -121,6 +121,7 @@ def run_sweep(
     seed: int = 0,
     measure: Measure | None = None,
     on_condition: Callable[[str], None] | None = None,
+    backend: str | None = None,
 ) -> Sweep:
     """Search the front of ``model_name`` on ``testbed`` under each condition.
 
@@ -135,6 +136,8 @@ def run_sweep(
         seed: search seed.
         measure: validates the plans of each front under its condition (optional).
         on_condition: called with each condition name before it runs (progress).
+        backend: predict with this runtime's calibrated overheads where stored
+            (:func:`optisplit.cost.load_cost_model`); None: the default overheads.
 
     Raises:
         UsageError: an unknown condition or engine.
@@ -151,7 +154,11 @@ def run_sweep(
             on_condition(name)
         conditioned = apply_condition(testbed, name)
         model = load_cost_model(
-            model_name, conditioned, batch_size=batch_size, profiles_root=profiles_root
+            model_name,
+            conditioned,
+            batch_size=batch_size,
+            profiles_root=profiles_root,
+            backend=backend,
         )
         found = engine_cls().run(model, budget=budget, seed=seed)
         front = tuple(sorted(found.front, key=lambda e: e.latency_ms))

@@ -92,6 +92,7 @@ def validate_plans(
     torch_device: str = "cpu",
     profiles_root: str = "profiles",
     timeout_s: float = 120.0,
+    calibrated: bool = True,
 ) -> list[dict[str, Any]]:
     """Deploy, measure and record every plan; returns the per-plan result dicts.
 
@@ -113,6 +114,8 @@ def validate_plans(
         out_dir: folder for the timestamp CSVs and results (default ``studies/<study>/`` or
             ``studies/adhoc-<timestamp>/``).
         token: the workers' shared secret; required when the testbed gives worker addresses.
+        calibrated: predict with ``backend``'s calibrated overheads where stored
+            (``<profiles_root>/overheads``); False: the default overheads.
 
     Raises:
         UsageError: unknown backend, malformed plan, plan not fitting the model or testbed.
@@ -136,7 +139,15 @@ def validate_plans(
     done = _previous_results(results_file, study, backend) if resume else {}
     todo = [p for p in parsed if str(p) not in done]
     parts: dict[str, list[Measurement]] = {str(p): [] for p in todo}
-    predicted = _predictions(model_name, bed, todo, batch_size, granularity, profiles_root)
+    predicted = _predictions(
+        model_name,
+        bed,
+        todo,
+        batch_size,
+        granularity,
+        profiles_root,
+        backend if calibrated and backend in ("socket", "rpc") else None,
+    )
     outcome: dict[str, dict[str, Any]] = {
         key: {**result, "resumed": True} for key, result in done.items()
     }
@@ -353,13 +364,19 @@ def _predictions(
     batch_size: int,
     granularity: str,
     root: str,
+    backend: str | None,
 ) -> dict[str, dict[str, float] | None]:
     """Predicted latency and throughput of each plan (None for all: profiles missing)."""
     try:
         from optisplit.cost import load_cost_model
 
         cost = load_cost_model(
-            model, testbed, batch_size=batch_size, profiles_root=root, granularity=granularity
+            model,
+            testbed,
+            batch_size=batch_size,
+            profiles_root=root,
+            granularity=granularity,
+            backend=backend,
         )
         evaluations = {str(plan): cost.evaluate(plan) for plan in plans}
     except (OptisplitError, ImportError) as exc:

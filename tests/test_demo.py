@@ -91,11 +91,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert doc["front"], "the exact front is never empty"
     assert doc["latency_mape"] is not None and doc["throughput_mape"] is not None
     assert doc["repeatability"]["rounds"] == 2  # the demo measures in 2 rounds
+    # the runtime was calibrated on the testbed, and the study predicted with that calibration
+    assert set(doc["overheads"]) == {"message_ms", "handoff_ms", "request_ms"}
+    stored = json.loads((tmp_path / "profiles" / "overheads" / "demotest-socket.json").read_text())
+    assert stored["request_ms"] == doc["overheads"]["request_ms"]
     report = Path(doc["report"]).read_text()
     assert "latency MAPE" in report and doc["front"][0] in report
     assert Path(doc["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert "optisplit dashboard" in doc["dashboard"]
     study = optuna.load_study(study_name="d1", storage=doc["storage"])
+    assert study.user_attrs["overheads"]["request_ms"] == doc["overheads"]["request_ms"]
     measured = [t for t in study.trials if "measured_socket" in t.user_attrs]
     assert len(measured) >= len(doc["front"])
     assert all(t.user_attrs["measured_socket"]["outputs_match"] for t in measured)

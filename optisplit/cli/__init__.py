@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "optisplit.cli.blocks",
     "optisplit.cli.profile",
     "optisplit.cli.probe",
+    "optisplit.cli.calibrate",
     "optisplit.cli.evaluate",
     "optisplit.cli.search",
     "optisplit.cli.studies",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -10,8 +11,11 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
+    "add_calibration_flags",
     "add_json_flag",
+    "calibration_backend",
     "non_negative_int",
+    "plan_progress",
     "positive_float",
     "positive_int",
     "print_json",
@@ -79,6 +83,32 @@ def add_window_flag(parser: argparse.ArgumentParser) -> None:
         "requests than --requests when needed: a fraction of a second is at the mercy of one "
         f"hiccup of a host (default {WINDOW_S:g}; 0: exactly --requests)",
     )
+
+
+def add_calibration_flags(parser: argparse.ArgumentParser, *, backend: bool = True) -> None:
+    """``--backend`` (unless the command has its own) and ``--no-calibration``: which runtime's
+    calibrated overheads (``optisplit calibrate``) predictions use, if any."""
+    if backend:
+        parser.add_argument(
+            "--backend",
+            choices=("socket", "rpc"),
+            default="socket",
+            help="runtime the plans are for: predictions use its overheads as calibrated on "
+            "this testbed by 'optisplit calibrate', when stored (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="predict with the default overheads even where a calibration is stored",
+    )
+
+
+def calibration_backend(args: argparse.Namespace) -> str | None:
+    """The backend whose calibration predictions use (None: the default overheads)."""
+    backend = getattr(args, "backend", None)
+    if args.no_calibration or backend not in ("socket", "rpc"):
+        return None
+    return str(backend)
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -168,3 +198,25 @@ class _Handle:
 
     def describe(self, text: str) -> None:
         self._bar.update(self._task, description=text)
+
+
+@contextmanager
+def plan_progress(*, enabled: bool = True) -> Iterator[Any]:
+    """Yields a ``validate_plans`` progress callback: one bar per plan, opened as it deploys."""
+    stack = contextlib.ExitStack()
+    state: dict[str, Any] = {}
+
+    def on_progress(plan: str, phase: str, done: int, total: int) -> None:
+        if phase == "deploy":
+            stack.close()
+            state["bar"] = stack.enter_context(progress(plan, None, enabled=enabled))
+            state["bar"].describe(f"{plan}: deploying")
+        elif phase in ("latency", "throughput") and "bar" in state:
+            state["bar"].describe(f"{plan}: {phase} {done}/{total}")
+            state["bar"].advance()
+        elif phase == "done":
+            stack.close()
+            state.pop("bar", None)
+
+    with stack:
+        yield on_progress

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Bring up the local emulated testbed (two devices of different speed joined by a "
             "shaped link; plain loopback processes with a warning when not root), profile the "
-            "model on each device inside its sandbox, search the exact front into a new study, "
+            "model on each device inside its sandbox, calibrate the runtime's overheads "
+            "('optisplit calibrate'), search the exact front into a new study, "
             "validate every front plan, compare predicted with measured, and write the report "
             "and plot under OUT/<study>/. Ctrl-C at any point leaves nothing behind."
         ),
@@ -153,6 +154,15 @@ def _print(result: DemoResult) -> None:
                 f"{_num(r['latency_spearman'])} / {_num(r['throughput_spearman'])}",
             ),
         ]
+    o = result.overheads
+    if o:
+        figures.append(
+            (
+                "runtime overheads" + ("" if result.calibrated else " (defaults, not calibrated)"),
+                f"message {o['message_ms']:.2f} ms, hand-off {o['handoff_ms']:.2f} ms, "
+                f"per request {o['request_ms']:.2f} ms",
+            )
+        )
     for label, value in figures:
         print(f"{label}: {value}")
     print(f"\nreport: {result.report}\nplot:   {result.plot}")

@@ -6,7 +6,9 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from optisplit.cli._common import (
+    add_calibration_flags,
     add_json_flag,
+    calibration_backend,
     positive_float,
     positive_int,
     print_json,
@@ -42,6 +44,7 @@ def register(subparsers: Any) -> None:
         help="a split plan, e.g. 'pi1[0:7] -> gpu[7:19]' (repeat for several)",
     )
     add_testbed_arguments(parser)
+    add_calibration_flags(parser)
     add_json_flag(parser)
     parser.set_defaults(func=_evaluate)
 
@@ -113,6 +116,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         profiles_root=args.profiles,
         granularity=args.granularity,
+        backend=calibration_backend(args),
     )
     evaluations = [model.evaluate(plan) for plan in plans]
     if args.json:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optisplit.cli._common import (
+    add_calibration_flags,
     add_json_flag,
+    calibration_backend,
     positive_float,
     positive_int,
     print_json,
@@ -92,6 +95,7 @@ def register(subparsers: Any) -> None:
         "--no-store", action="store_true", help="do not record the search in a study"
     )
     parser.add_argument("--plot", metavar="PATH", default=None, help="write the front as an image")
+    add_calibration_flags(parser)
     add_json_flag(parser)
     parser.set_defaults(func=_search)
 
@@ -153,6 +157,7 @@ def _cost_model(args: argparse.Namespace) -> CostModel:
         batch_size=args.batch_size,
         profiles_root=args.profiles,
         granularity=args.granularity,
+        backend=calibration_backend(args),
     )
 
 
@@ -168,6 +173,8 @@ def _open_study(args: argparse.Namespace, model: CostModel, engines: list[str]) 
         "granularity": args.granularity,
         "condition": args.condition,
         "profiles_root": args.profiles,
+        "backend": calibration_backend(args),
+        "overheads": dataclasses.asdict(model.overheads),
     }
     return store.create_study(name, args.storage, attrs=attrs, resume=args.resume)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optisplit.cli._common import (
+    add_calibration_flags,
     add_json_flag,
     add_window_flag,
     positive_int,
@@ -59,7 +60,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="also measure every front plan under each condition",
     )
-    parser.add_argument("--backend", choices=("socket", "rpc"), default="socket")
+    parser.add_argument(
+        "--backend",
+        choices=("socket", "rpc"),
+        default="socket",
+        help="runtime --validate measures on; predictions use its overheads as calibrated "
+        "by 'optisplit calibrate', when stored (default: %(default)s)",
+    )
     parser.add_argument(
         "--requests", type=positive_int, default=10, help="measured requests per plan"
     )
@@ -77,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="with --validate on an emulated testbed: do not probe links and devices (busy hosts)",
     )
     parser.add_argument("--plot", default=None, help="figure path (default: studies/sweep-*.png)")
+    add_calibration_flags(parser, backend=False)
     add_json_flag(parser)
     parser.set_defaults(func=run)
 
@@ -117,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 measure=measure,
                 on_condition=step,
+                backend=None if args.no_calibration else args.backend,
             )
     finally:
         if emulated and not was_up:
@@ -161,6 +170,7 @@ def _measure(args: argparse.Namespace, emulated: list[str]) -> Measure:
             rounds=args.rounds,
             window_s=args.window,
             profiles_root=args.profiles,
+            calibrated=not args.no_calibration,
             out_dir=Path("studies") / f"sweep-{args.model}-{testbed.name}" / condition,
         )
         return results

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 from optisplit.cli._common import (
+    add_calibration_flags,
     add_json_flag,
     add_window_flag,
     non_negative_int,
+    plan_progress,
     positive_int,
     print_json,
     print_table,
-    progress,
 )
 from optisplit.errors import UsageError
 
@@ -120,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=120,
         help="seconds to wait for one reply (default 120)",
     )
+    add_calibration_flags(parser, backend=False)
     add_json_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         from optisplit.cli.worker import read_token
 
         token = read_token(args.token_file)
-    with _bars(args.requests, enabled=not args.json) as on_progress:
+    with plan_progress(enabled=not args.json) as on_progress:
         results = validate_plans(
             args.model,
             testbed,
@@ -164,6 +164,7 @@ def _run(args: argparse.Namespace) -> int:
             torch_device=args.torch_device,
             profiles_root=args.profiles_root or str(attrs.get("profiles_root") or "profiles"),
             timeout_s=float(args.timeout),
+            calibrated=not args.no_calibration,
         )
     if args.json:
         print_json({"backend": args.backend, "results": results})
@@ -198,28 +199,6 @@ def _front_plans(study: Any, top: int | None) -> list[str]:
     if not plans:
         raise UsageError(f"study {study.study_name} has no front plans to validate")
     return plans[:top] if top else plans
-
-
-@contextlib.contextmanager
-def _bars(requests: int, *, enabled: bool) -> Iterator[Any]:
-    """One progress bar per plan, opened when its deployment starts."""
-    stack = contextlib.ExitStack()
-    state: dict[str, Any] = {}
-
-    def on_progress(plan: str, phase: str, done: int, total: int) -> None:
-        if phase == "deploy":
-            stack.close()
-            state["bar"] = stack.enter_context(progress(plan, None, enabled=enabled))
-            state["bar"].describe(f"{plan}: deploying")
-        elif phase in ("latency", "throughput") and "bar" in state:
-            state["bar"].describe(f"{plan}: {phase} {done}/{total}")
-            state["bar"].advance()
-        elif phase == "done":
-            stack.close()
-            state.pop("bar", None)
-
-    with stack:
-        yield on_progress
 
 
 def _table(backend: str, results: list[dict[str, Any]]) -> None:

@@ -1,0 +1,351 @@
+"""Calibration: measure a runtime backend's own costs on a testbed, for the cost model to use.
+
+The cost model's formulas cover compute, wire time and copies; what a runtime adds on top is in
+:class:`~optisplit.cost.Overheads`. Three of its terms depend on the backend and the host and
+are measured here with a probe model (:func:`probe_model`, no profile of it needed): a stack of
+3x3 convolutions on a 32x32 input, about 6.5 ms of compute on one core of this host for 12 KB
+of input, so that on a LAN link its transfers take a fraction of its compute and the runtime's own
+costs show (a zoo model's 224x224 input takes 4.8 ms per request on a 1 Gbit/s link: as long as
+``mobilenet_v3_small``'s compute, so the link and not the runtime would set the probe's pace):
+
+- ``handoff_ms`` and ``message_ms``: a split plan ``source[0:c] -> other[c:B]`` is deployed and
+  its hop times read (medians over the rounds). ``handoff_ms`` is the mean of the two local hand-offs (client ->
+  first stage at the source, last stage -> client at the sink); ``message_ms`` is the median,
+  over the cross-device hops, of hop time - one-way delay - wire time - copy time.
+- ``request_ms``: ``other[0:B]`` is deployed (the source relays input and output) with requests
+  streaming; ``request_ms`` is what its period per request leaves beyond the stage's compute and
+  copies, read with the cost model's rule (the stage's device pays it once, the relay twice; the
+  period is the larger of the two). The compute is the stage's own, timed one request at a time
+  in the same run, not a profile: how far a profile is off its run differs from model to model,
+  and ``request_ms`` would carry the probe model's share of it into every prediction.
+
+Both plans are measured ``rounds`` times (3 by default), taking turns, and the medians kept.
+
+The result is stored per testbed and backend in ``<profiles>/overheads/<testbed>-<backend>.json``
+(schema_version 1); :func:`optisplit.cost.load_cost_model` uses it when given the backend. These
+costs drift with the host's load (by a millisecond or two over minutes on a shared VM), so
+calibrate close to the runs it is meant for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optisplit._io import read_json, write_json
+from optisplit.errors import ProfileError, RuntimeFailure, UsageError
+
+if TYPE_CHECKING:
+    from optisplit.cost import Overheads
+    from optisplit.testbed import Testbed
+    from optisplit.validate import ProgressCallback
+
+__all__ = [
+    "PROBE_FACTORY",
+    "PROBE_MODEL",
+    "Calibration",
+    "calibrate_overheads",
+    "calibrated_overheads",
+    "calibration_path",
+    "load_calibration",
+    "probe_model",
+    "save_calibration",
+]
+
+SCHEMA_VERSION = 1
+PROBE_MODEL = "calibration-probe"
+PROBE_FACTORY = "optisplit.calibrate:probe_model"
+_PROBE_DEPTH = 8
+"""Requests in flight while streaming: enough that the probe's latency does not bound its rate."""
+_TERMS = ("message_ms", "handoff_ms", "request_ms")
+_MAX_WIRE_MS = 20.0
+"""Refuse links on which the probe's input takes longer than this (wifi's 50 Mbit/s: 96 ms)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A backend's measured costs on one testbed, and what they were read from."""
+
+    testbed: str
+    backend: str
+    message_ms: float
+    handoff_ms: float
+    request_ms: float
+    probe: str = PROBE_FACTORY
+    measured: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The probe's raw figures: ``period_ms``, ``compute_ms``, ``hops`` (ms) and the plans."""
+    created: str = ""
+    host: str = ""
+
+    def overheads(self, base: Overheads | None = None) -> Overheads:
+        """``base`` (default :class:`Overheads`) with the calibrated terms."""
+        from optisplit.cost import Overheads
+
+        return dataclasses.replace(
+            base or Overheads(),
+            message_ms=self.message_ms,
+            handoff_ms=self.handoff_ms,
+            request_ms=self.request_ms,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Calibration:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in fields})
+
+
+def probe_model(channels: int = 64, layers: int = 16, stride: int = 1) -> tuple[Any, Any]:
+    """The calibration probe (a model factory, ``PROBE_FACTORY``): ``layers`` blocks of a 3x3
+    convolution with ReLU over ``channels`` channels of a 32 x 32 map, then a pooled linear
+    head; returns ``(module, example input)``. The input is ``32 * stride`` pixels square, the
+    first convolution strides over it (``stride`` > 1: more bytes in, about the same compute)."""
+    from torch import nn, randn
+
+    first = (
+        nn.Conv2d(3, channels, 3, padding=1)
+        if stride == 1
+        else nn.Conv2d(3, channels, stride, stride=stride)
+    )
+    blocks = [nn.Sequential(first, nn.ReLU())]
+    blocks += [
+        nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+        for _ in range(layers - 1)
+    ]
+    blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)))
+    return nn.Sequential(*blocks), randn(1, 3, 32 * stride, 32 * stride)
+
+
+def calibration_path(
+    testbed: str, backend: str, *, root: str | os.PathLike[str] = "profiles"
+) -> Path:
+    """``<root>/overheads/<testbed>-<backend>.json``."""
+    return Path(root) / "overheads" / f"{testbed}-{backend}.json"
+
+
+def save_calibration(
+    calibration: Calibration, *, root: str | os.PathLike[str] = "profiles"
+) -> Path:
+    """Write ``calibration`` (atomically, replacing an earlier one); returns the path."""
+    path = calibration_path(calibration.testbed, calibration.backend, root=root)
+    return write_json(path, calibration.to_dict())
+
+
+def load_calibration(
+    testbed: str, backend: str, *, root: str | os.PathLike[str] = "profiles"
+) -> Calibration | None:
+    """The stored calibration of ``backend`` on ``testbed``, or None when there is none.
+
+    Raises:
+        ProfileError: the file exists but is unreadable, of another schema, or malformed.
+    """
+    path = calibration_path(testbed, backend, root=root)
+    if not path.is_file():
+        return None
+    doc = read_json(
+        path, kind="calibration", schema_versions=(SCHEMA_VERSION,), error=ProfileError
+    )
+    try:
+        values = {k: float(doc[k]) for k in _TERMS}
+    except (KeyError, TypeError, ValueError):
+        raise ProfileError(f"{path}: calibration lacks numbers for {', '.join(_TERMS)}") from None
+    if not all(0.0 <= v < float("inf") for v in values.values()):
+        raise ProfileError(f"{path}: calibration terms must be numbers >= 0, got {values}")
+    return Calibration.from_dict({**doc, **values})
+
+
+def calibrated_overheads(
+    testbed: str, backend: str, *, root: str | os.PathLike[str] = "profiles"
+) -> Overheads:
+    """The cost model's overheads for ``backend`` on ``testbed``: calibrated where stored,
+    the defaults otherwise."""
+    from optisplit.cost import Overheads
+
+    found = load_calibration(testbed, backend, root=root)
+    return Overheads() if found is None else found.overheads()
+
+
+def calibrate_overheads(
+    testbed: Testbed,
+    backend: str,
+    *,
+    requests: int = 40,
+    warmup: int = 2,
+    rounds: int = 3,
+    window_s: float = 2.0,
+    token: bytes | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> Calibration:
+    """Measure ``backend``'s overhead terms on ``testbed`` (see the module docstring).
+
+    Deploys the probe plans where :func:`optisplit.validate.validate_plans` would: the testbed's
+    workers, the emulated testbed when it is up, local processes otherwise; ``rounds`` times,
+    the plans taking turns, and reads the medians. Nothing is written:
+    :func:`save_calibration` stores the result.
+
+    Raises:
+        UsageError: the links are too slow for the probe to see the runtime's costs past its
+            transfers (calibrate under a faster condition).
+        RuntimeFailure: a probe plan failed.
+    """
+    from optisplit.chain import load_chain
+    from optisplit.cost import Overheads
+
+    if requests < 4 or rounds < 1:
+        raise UsageError(
+            f"calibration needs requests >= 4 and rounds >= 1, got {requests}, {rounds}"
+        )
+    chain = load_chain(PROBE_MODEL, module=PROBE_FACTORY)
+    blocks = chain.n_blocks
+    others = [d for d in testbed.devices if d != testbed.source]
+    other = others[0] if others else testbed.source
+    cut = blocks // 2
+    alone = f"{other}[0:{blocks}]"
+    split = f"{testbed.source}[0:{cut}] -> {other}[{cut}:{blocks}]"
+    wire = 0.0
+    if other != testbed.source:
+        wire = _serialisation_ms(testbed, other, chain.input_bytes, chain.output_bytes)
+        if wire > _MAX_WIRE_MS:
+            raise _too_slow(testbed, wire)
+    run = _Probe(testbed, backend, requests, warmup, window_s, token, on_progress)
+    base = Overheads()
+    moved = base.copy_ms(chain.input_bytes) + base.copy_ms(chain.output_bytes)
+    hops: list[list[dict[str, Any]]] = []
+    periods: list[float] = []
+    computes: list[float] = []
+    for _ in range(rounds):  # the plans take turns: a slow spell spreads over both
+        if other != testbed.source:
+            hops.append(run(split)["transfers"])
+        measured = run(alone)
+        period = 1000.0 / measured["throughput_rps"]
+        if max(wire, measured["latency_ms"] / _PROBE_DEPTH) >= 0.9 * period:
+            raise _too_slow(testbed, wire)  # the link or the delay set the pace
+        periods.append(period)
+        computes.append(next(s["compute_ms"] for s in measured["stages"] if s["device"] == other))
+        if other == testbed.source:
+            hops.append(measured["transfers"])
+    if other == testbed.source:  # one device: it neither copies nor relays
+        requests_ms = [p - c for p, c in zip(periods, computes, strict=True)]
+    else:  # the device pays it once, the relay twice: the period is the larger of the two
+        requests_ms = [
+            min(p - c - moved, (p - moved) / 2) for p, c in zip(periods, computes, strict=True)
+        ]
+    sizes = {
+        (testbed.source, other): chain.cuts[cut - 1].bytes,
+        (other, testbed.sink): chain.output_bytes,
+    }
+    residuals = [
+        hop["ms"]
+        - _wire_ms(testbed, hop["src"], hop["dst"], sizes[hop["src"], hop["dst"]])
+        - base.copy_ms(sizes[hop["src"], hop["dst"]])
+        for h in hops
+        for hop in h[1:-1]
+        if hop["src"] != hop["dst"] and (hop["src"], hop["dst"]) in sizes
+    ]
+    message = _median(residuals) if residuals else base.message_ms
+    handoffs = [h[0]["ms"] for h in hops] + [h[-1]["ms"] for h in hops]
+    return Calibration(
+        testbed=testbed.name,
+        backend=backend,
+        message_ms=round(max(message, 0.0), 4),
+        handoff_ms=round(max(_median(handoffs), 0.0), 4),
+        request_ms=round(max(_median(requests_ms), 0.0), 4),
+        measured={
+            "plans": [split, alone] if other != testbed.source else [alone],
+            "period_ms": periods,
+            "compute_ms": computes,
+            "request_ms": requests_ms,
+            "hops": [[{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in hops],
+            "requests": requests,
+            "rounds": rounds,
+            "window_s": window_s,
+        },
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        host=platform.node(),
+    )
+
+
+class _Probe:
+    """Deploys one probe plan and returns its measurement (raises when it failed)."""
+
+    def __init__(
+        self,
+        testbed: Testbed,
+        backend: str,
+        requests: int,
+        warmup: int,
+        window_s: float,
+        token: bytes | None,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.args = (testbed, backend, requests, warmup, window_s, token, on_progress)
+
+    def __call__(self, plan: str) -> dict[str, Any]:
+        from optisplit.validate import validate_plans
+
+        testbed, backend, requests, warmup, window_s, token, on_progress = self.args
+        with tempfile.TemporaryDirectory(prefix="optisplit-calibrate-") as out:
+            (result,) = validate_plans(
+                PROBE_MODEL,
+                testbed,
+                [plan],
+                backend=backend,
+                requests=requests,
+                warmup=warmup,
+                depth=_PROBE_DEPTH,
+                window_s=window_s,
+                token=token,
+                module=PROBE_FACTORY,
+                out_dir=out,
+                profiles_root=out,  # no profiles: no predictions needed
+                on_progress=on_progress,
+            )
+        if not result["measured"]:
+            raise RuntimeFailure(
+                f"calibration of {backend} on {testbed.name} failed: {plan}: {result['error']}"
+            )
+        measured: dict[str, Any] = result["measured"]
+        return measured
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _wire_ms(testbed: Testbed, src: str, dst: str, nbytes: int) -> float:
+    """One-way delay plus serialisation of ``nbytes`` on the route ``src`` -> ``dst``."""
+    links = testbed.route(src, dst)
+    if not links:
+        return 0.0
+    return sum(link.one_way_ms for link in links) + nbytes * 8 / (
+        min(link.mbps for link in links) * 1e3
+    )
+
+
+def _serialisation_ms(testbed: Testbed, other: str, input_bytes: int, output_bytes: int) -> float:
+    """Wire time per request, delay aside, of the busier direction between source and ``other``."""
+    links_in, links_out = testbed.route(testbed.source, other), testbed.route(other, testbed.sink)
+    return max(
+        input_bytes * 8 / (min(link.mbps for link in links_in) * 1e3) if links_in else 0.0,
+        output_bytes * 8 / (min(link.mbps for link in links_out) * 1e3) if links_out else 0.0,
+    )
+
+
+def _too_slow(testbed: Testbed, wire_ms: float) -> UsageError:
+    return UsageError(
+        f"testbed {testbed.name}'s links are too slow to calibrate on: the probe's transfers "
+        f"({wire_ms:.1f} ms per request on the wire) or the links' delay set its pace and hide "
+        "the runtime's own costs; "
+        "calibrate under a fast condition (e.g. 'optisplit testbed up "
+        f"{testbed.name} --condition lan' and 'optisplit calibrate --condition lan')"
+    )

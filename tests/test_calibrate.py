@@ -1,0 +1,190 @@
+"""Calibration: the probe model, the stored file, predictions that use it, and a real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from synthetic import synthetic_profile, two_device_testbed, write_profiles
+
+from optisplit.calibrate import (
+    PROBE_FACTORY,
+    PROBE_MODEL,
+    Calibration,
+    calibrate_overheads,
+    calibrated_overheads,
+    calibration_path,
+    load_calibration,
+    save_calibration,
+)
+from optisplit.cli import main
+from optisplit.cost import Overheads, load_cost_model
+from optisplit.errors import ProfileError, UsageError
+from optisplit.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _root(tmp_path: Path, *, mbps: float = 1000.0) -> Path:
+    """Synthetic profiles of ``synth`` and testbed ``pair`` (devices a, b) under a profiles root."""
+    root = tmp_path / "profiles"
+    write_profiles(root, synthetic_profile(6, model="synth", seed=3), ["host"])
+    (root / "testbeds").mkdir()
+    bed = two_device_testbed(rtt_ms=0.2, mbps=mbps)
+    (root / "testbeds" / "pair.yaml").write_text(yaml.safe_dump(bed.to_dict()))
+    return root
+
+
+def test_probe_model_is_small_on_the_wire_and_traces_into_blocks() -> None:
+    from optisplit.chain import load_chain
+
+    chain = load_chain(PROBE_MODEL, module=PROBE_FACTORY)
+    assert chain.n_blocks == 35  # a convolution and a ReLU per layer, 3 blocks of head
+    assert chain.input_bytes == 3 * 32 * 32 * 4  # 12 KB: 0.1 ms on a 1 Gbit/s link
+    assert chain.cuts[chain.n_blocks // 2 - 1].bytes == 64 * 32 * 32 * 4
+
+
+def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "profiles"
+    calibration = Calibration("pair", "socket", 0.1, 0.2, 1.5, created="2026-01-01T00:00:00")
+    path = save_calibration(calibration, root=root)
+    assert path == calibration_path("pair", "socket", root=root)
+    assert path == root / "overheads" / "pair-socket.json"
+    assert load_calibration("pair", "socket", root=root) == calibration
+    assert load_calibration("pair", "rpc", root=root) is None
+    assert calibrated_overheads("pair", "rpc", root=root) == Overheads()
+    overheads = calibrated_overheads("pair", "socket", root=root)
+    assert (overheads.message_ms, overheads.handoff_ms, overheads.request_ms) == (0.1, 0.2, 1.5)
+    assert overheads.copy_gbps == Overheads().copy_gbps  # not a calibrated term
+
+    doc = json.loads(path.read_text())
+    for broken, reason in (
+        ({**doc, "request_ms": -1.0}, "must be numbers >= 0"),
+        ({k: v for k, v in doc.items() if k != "handoff_ms"}, "lacks numbers"),
+        ({**doc, "message_ms": "fast"}, "lacks numbers"),
+        ({**doc, "schema_version": 9}, "schema"),
+    ):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ProfileError, match=reason):
+            load_calibration("pair", "socket", root=root)
+    path.write_text("{not json")
+    with pytest.raises(ProfileError):
+        calibrated_overheads("pair", "socket", root=root)
+
+
+def test_predictions_use_the_calibration_of_their_backend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _root(tmp_path)
+    bed = two_device_testbed(rtt_ms=0.2, mbps=1000.0)
+    save_calibration(Calibration("pair", "socket", 0.5, 1.0, 20.0), root=root)
+    plan = Plan.parse("a[0:3] -> b[3:6]")
+
+    def predict(backend: str | None) -> tuple[float, float]:
+        cost = load_cost_model("synth", bed, profiles_root=str(root), backend=backend)
+        evaluation = cost.evaluate(plan)
+        return evaluation.latency_ms, evaluation.throughput_rps
+
+    default, socket, rpc = predict(None), predict("socket"), predict("rpc")
+    assert rpc == default  # nothing stored for rpc
+    # 2 hand-offs of 1 ms, 2 messages 0.45 ms dearer (a -> b, b -> a; the input stays on a);
+    # a 20 ms cost per request and stage
+    assert socket[0] == pytest.approx(default[0] + 2 * 1.0 + 2 * 0.45)
+    assert socket[1] < default[1] and 1000 / socket[1] >= 20.0
+
+    def evaluate(*extra: str) -> float:
+        argv = ["evaluate", "synth", "--testbed", "pair", "--profiles", str(root)]
+        assert main([*argv, "--plan", str(plan), "--json", *extra]) == 0
+        return float(json.loads(capsys.readouterr().out)[0]["throughput_rps"])
+
+    assert evaluate() == pytest.approx(socket[1])  # socket is the default backend
+    assert evaluate("--backend", "rpc") == pytest.approx(default[1])
+    assert evaluate("--no-calibration") == pytest.approx(default[1])
+
+
+def test_search_records_the_overheads_it_predicted_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna
+
+    root = _root(tmp_path)
+    save_calibration(Calibration("pair", "rpc", 0.5, 1.0, 3.0), root=root)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    argv = ["search", "synth", "--testbed", "pair", "--profiles", str(root), "--storage", url]
+    assert main([*argv, "--engine", "exact", "--backend", "rpc", "--study", "s", "--json"]) == 0
+    capsys.readouterr()
+    attrs = optuna.load_study(study_name="s", storage=url).user_attrs
+    assert attrs["backend"] == "rpc"
+    assert attrs["overheads"]["request_ms"] == 3.0 and attrs["overheads"]["handoff_ms"] == 1.0
+
+
+def test_too_slow_links_are_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _root(tmp_path, mbps=1.0)  # the probe's 12 KB input: 98 ms per request
+    with pytest.raises(UsageError, match="too slow to calibrate"):
+        calibrate_overheads(two_device_testbed(rtt_ms=0.2, mbps=1.0), "socket")
+    code = main(["calibrate", "--testbed", "pair", "--profiles", str(root)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--condition lan" in err
+    assert not (root / "overheads").exists()
+
+
+def test_show_prints_the_stored_calibration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _root(tmp_path)
+    argv = ["calibrate", "--testbed", "pair", "--profiles", str(root), "--show"]
+    assert main(argv) == 2
+    assert "no calibration of socket on testbed pair" in capsys.readouterr().err
+    save_calibration(Calibration("pair", "rpc", 0.5, 1.0, 3.0), root=root)
+    assert main([*argv, "--backend", "all", "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert (shown["backend"], shown["request_ms"], shown["path"]) == ("rpc", 3.0, None)
+
+
+@pytest.mark.slow
+def test_calibrating_on_loopback_workers(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "optisplit", "calibrate", "--testbed", "pair",
+            "--profiles", str(root), "--rounds", "2", "--requests", "6", "--window", "0.5",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (doc,) = json.loads(out.stdout)
+    assert doc["testbed"] == "pair" and doc["backend"] == "socket"
+    stored = load_calibration("pair", "socket", root=root)
+    assert stored is not None and doc["path"] == str(calibration_path("pair", "socket", root=root))
+    assert (stored.message_ms, stored.handoff_ms, stored.request_ms) == (
+        doc["message_ms"],
+        doc["handoff_ms"],
+        doc["request_ms"],
+    )
+    measured = doc["measured"]
+    assert measured["plans"] == ["a[0:17] -> b[17:35]", "b[0:35]"]
+    assert len(measured["period_ms"]) == len(measured["compute_ms"]) == 2
+    for period, compute in zip(measured["period_ms"], measured["compute_ms"], strict=True):
+        # streaming is not faster than one request alone, give or take this host's wander
+        assert 0 < compute <= 1.2 * period
+    assert len(measured["hops"]) == 2  # the split plan's hops, once per round
+    assert [(h["src"], h["dst"]) for h in measured["hops"][0]] == [
+        ("a", "a"),
+        ("a", "b"),
+        ("b", "a"),
+        ("a", "a"),
+    ]
+    assert doc["handoff_ms"] > 0  # a local message costs something
+    assert 0 <= doc["request_ms"] < max(measured["period_ms"])
