@@ -95,9 +95,8 @@ class Overheads:
             beyond compute and copies (its runtime threads, and on a shared host other processes
             taking its core while requests stream in); it bounds throughput, not latency (the
             latency's share of it is in ``message_ms``). ``0`` by default;
-            ``optisplit calibrate`` measures it per runtime backend with a probe: 0-1.8 ms on the
-            socket backend and 0.8-3.7 ms over RPC on the emulated testbeds, drifting by a
-            millisecond or two over minutes.
+            ``optisplit calibrate`` measures it per runtime backend with a probe: 0-0.16 ms on
+            the socket backend and 0.70-0.88 ms over RPC on the emulated testbeds here.
 
     ``message_ms``, ``handoff_ms`` and ``request_ms`` depend on the runtime backend and the host:
     ``optisplit calibrate`` measures them per testbed and backend (:mod:`optisplit.calibrate`).
