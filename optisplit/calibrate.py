@@ -33,6 +33,7 @@ import dataclasses
 import datetime as _dt
 import os
 import platform
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,7 @@ def calibrate_overheads(
     """
     from optisplit.chain import load_chain
     from optisplit.cost import Overheads
+    from optisplit.validate import validate_plans
 
     if requests < 4 or rounds < 1:
         raise UsageError(
@@ -215,7 +217,32 @@ def calibrate_overheads(
         wire = _serialisation_ms(testbed, other, chain.input_bytes, chain.output_bytes)
         if wire > _MAX_WIRE_MS:
             raise _too_slow(testbed, wire)
-    run = _Probe(testbed, backend, requests, warmup, window_s, token, on_progress)
+
+    def run(plan: str) -> dict[str, Any]:
+        """Deploy one probe plan once and return its measurement (raise when it failed)."""
+        with tempfile.TemporaryDirectory(prefix="optisplit-calibrate-") as out:
+            (result,) = validate_plans(
+                PROBE_MODEL,
+                testbed,
+                [plan],
+                backend=backend,
+                requests=requests,
+                warmup=warmup,
+                depth=_PROBE_DEPTH,
+                window_s=window_s,
+                token=token,
+                module=PROBE_FACTORY,
+                out_dir=out,
+                profiles_root=out,  # no profiles: no predictions needed
+                on_progress=on_progress,
+            )
+        if not result["measured"]:
+            raise RuntimeFailure(
+                f"calibration of {backend} on {testbed.name} failed: {plan}: {result['error']}"
+            )
+        measured: dict[str, Any] = result["measured"]
+        return measured
+
     base = Overheads()
     moved = base.copy_ms(chain.input_bytes) + base.copy_ms(chain.output_bytes)
     hops: list[list[dict[str, Any]]] = []
@@ -250,14 +277,14 @@ def calibrate_overheads(
         for hop in h[1:-1]
         if hop["src"] != hop["dst"] and (hop["src"], hop["dst"]) in sizes
     ]
-    message = _median(residuals) if residuals else base.message_ms
+    message = statistics.median(residuals) if residuals else base.message_ms
     handoffs = [h[0]["ms"] for h in hops] + [h[-1]["ms"] for h in hops]
     return Calibration(
         testbed=testbed.name,
         backend=backend,
         message_ms=round(max(message, 0.0), 4),
-        handoff_ms=round(max(_median(handoffs), 0.0), 4),
-        request_ms=round(max(_median(requests_ms), 0.0), 4),
+        handoff_ms=round(max(statistics.median(handoffs), 0.0), 4),
+        request_ms=round(max(statistics.median(requests_ms), 0.0), 4),
         measured={
             "plans": [split, alone] if other != testbed.source else [alone],
             "period_ms": periods,
@@ -271,55 +298,6 @@ def calibrate_overheads(
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         host=platform.node(),
     )
-
-
-class _Probe:
-    """Deploys one probe plan and returns its measurement (raises when it failed)."""
-
-    def __init__(
-        self,
-        testbed: Testbed,
-        backend: str,
-        requests: int,
-        warmup: int,
-        window_s: float,
-        token: bytes | None,
-        on_progress: ProgressCallback | None,
-    ) -> None:
-        self.args = (testbed, backend, requests, warmup, window_s, token, on_progress)
-
-    def __call__(self, plan: str) -> dict[str, Any]:
-        from optisplit.validate import validate_plans
-
-        testbed, backend, requests, warmup, window_s, token, on_progress = self.args
-        with tempfile.TemporaryDirectory(prefix="optisplit-calibrate-") as out:
-            (result,) = validate_plans(
-                PROBE_MODEL,
-                testbed,
-                [plan],
-                backend=backend,
-                requests=requests,
-                warmup=warmup,
-                depth=_PROBE_DEPTH,
-                window_s=window_s,
-                token=token,
-                module=PROBE_FACTORY,
-                out_dir=out,
-                profiles_root=out,  # no profiles: no predictions needed
-                on_progress=on_progress,
-            )
-        if not result["measured"]:
-            raise RuntimeFailure(
-                f"calibration of {backend} on {testbed.name} failed: {plan}: {result['error']}"
-            )
-        measured: dict[str, Any] = result["measured"]
-        return measured
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _wire_ms(testbed: Testbed, src: str, dst: str, nbytes: int) -> float:

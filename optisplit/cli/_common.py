@@ -14,6 +14,7 @@ __all__ = [
     "add_calibration_flags",
     "add_json_flag",
     "calibration_backend",
+    "interrupt_on_sigterm",
     "non_negative_int",
     "plan_progress",
     "positive_float",
@@ -109,6 +110,16 @@ def calibration_backend(args: argparse.Namespace) -> str | None:
     if args.no_calibration or backend not in ("socket", "rpc"):
         return None
     return str(backend)
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt, so that deployments clean up as on Ctrl-C."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
 from typing import TYPE_CHECKING, Any
 
 from optisplit.cli._common import (
     add_json_flag,
     add_window_flag,
+    interrupt_on_sigterm,
     plan_progress,
     positive_int,
     print_json,
@@ -81,10 +81,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=_run)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _run(args: argparse.Namespace) -> int:
     from optisplit.calibrate import calibrate_overheads, load_calibration, save_calibration
     from optisplit.errors import UsageError
@@ -103,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         _report(args, [(c, None) for c in stored])
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     if args.condition:
         testbed = apply_condition(testbed, args.condition)
     token = None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import signal
 from typing import Any
 
 from optisplit.cli._common import (
     add_calibration_flags,
     add_json_flag,
     add_window_flag,
+    interrupt_on_sigterm,
     non_negative_int,
     plan_progress,
     positive_int,
@@ -125,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     from optisplit.testbed import apply_condition, load_testbed
     from optisplit.validate import validate_plans
 
@@ -172,10 +172,6 @@ def _run(args: argparse.Namespace) -> int:
         _table(args.backend, results)
     failed = [r for r in results if r["error"] is not None or r["outputs_match"] is False]
     return 1 if failed else 0
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _study(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
