@@ -149,6 +149,21 @@ def test_paced_profile_counts_the_rests_on_the_wall_clock() -> None:
         profile_chain(chain, threads=2, pace=0.5, **kwargs)  # type: ignore[arg-type]
 
 
+def test_a_cpu_clock_profile_of_a_paced_device_does_not_rest() -> None:
+    layers = [torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(3)]
+    chain = trace(torch.nn.Sequential(*layers).eval(), (torch.randn(1, 64, 40, 40),))
+    kwargs = {"device": "d", "warmup": 1, "repeats": 6, "max_seconds": None, "clock": "cpu"}
+    start = time.perf_counter()
+    plain = profile_chain(chain, **kwargs)  # type: ignore[arg-type]
+    middle = time.perf_counter()
+    paced = profile_chain(chain, pace=0.05, **kwargs)  # type: ignore[arg-type]
+    end = time.perf_counter()
+    assert paced.provenance["pace"] == 0.05 and "pace" not in plain.provenance
+    # paced at 0.05, the 7 rounds of blocks and whole model would rest 19 times their CPU time
+    work_s = 7 * (paced.sum_ms + paced.whole_ms) / 1000
+    assert (end - middle) - (middle - start) < 5 * work_s, (end - middle, middle - start, work_s)
+
+
 def test_cost_model_sums_blocks_on_a_paced_device() -> None:
     profile = synthetic_profile(3, times_ms=[10, 20, 30], cut_bytes=[1_000] * 4)
     profile = type(profile)(

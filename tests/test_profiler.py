@@ -100,6 +100,34 @@ def test_time_budget_stops_rounds_early_but_keeps_the_minimum() -> None:
     assert full.provenance["repeats"] == 7
 
 
+def test_spread_rests_before_the_whole_model_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optisplit import profiler
+
+    events: list[tuple[str, float]] = []
+    run_blocks, run_whole = profiler._run_blocks, profiler._Timed.run
+
+    def blocks(*args: object) -> object:
+        events.append(("blocks", time.monotonic()))
+        return run_blocks(*args)  # type: ignore[arg-type]
+
+    def whole(self: object) -> float:
+        events.append(("whole", time.monotonic()))
+        return run_whole(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(profiler, "_run_blocks", blocks)
+    monkeypatch.setattr(profiler._Timed, "run", whole)
+    profile_model(
+        "tiny", module="tests.models:tiny_cnn", device="box", warmup=1, repeats=4, spread_s=0.8
+    )
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["blocks", "whole"] * 5
+    # warm-up back to back; then each whole-model run half a round (0.1 s) after its blocks
+    timed = events[2:]
+    gaps = [timed[i + 1][1] - timed[i][1] for i in range(0, len(timed), 2)]
+    assert all(0.09 <= gap < 0.2 for gap in gaps), gaps
+    assert events[1][1] - events[0][1] < 0.09
+
+
 def test_spread_spaces_the_timed_rounds_over_the_span() -> None:
     starts: list[float] = []
     spread = profile_model(
