@@ -302,6 +302,8 @@ class _Run:
         window_s: float = 0.0,
     ) -> Measurement:
         """Deploy ``plan`` and measure it once (round ``round_``)."""
+        from optisplit import emulate
+        from optisplit.emulate.sandbox import on_cores
         from optisplit.runtime.measure import measure
 
         if on_progress is not None:
@@ -313,7 +315,9 @@ class _Run:
         tick = (
             None if on_progress is None else (lambda phase, i, n: on_progress(label, phase, i, n))
         )
-        with self.backend.deploy(self.spec, stages) as deployment:
+        # local workers share this host with us: keep off the cores the devices need
+        helpers = None if self.workers is None else emulate.helper_cores(self.testbed)
+        with on_cores(helpers), self.backend.deploy(self.spec, stages) as deployment:
             measured = measure(
                 deployment,
                 inputs,

@@ -149,6 +149,54 @@ def test_cfs_quota_only_where_it_limits() -> None:
     assert sandbox.cfs_quota(device(0.5, (0,), "pace")) is None
 
 
+def test_helpers_go_to_the_core_the_devices_leave_most_room_on() -> None:
+    def device(cores: tuple[int, ...] | None, quota: float | None) -> state.DeviceState:
+        return state.DeviceState("d", "ns", "10.0.0.1", None, cores, quota, "pace")
+
+    allowed = sorted(os.sched_getaffinity(0))
+    spare = tuple(allowed[2:])  # cores no device is pinned to come first
+    if len(allowed) >= 2:
+        a, b = allowed[:2]
+        # local3: a full device on one core, two paced ones (0.4 + 0.3) sharing the other
+        devices = [device((a,), 1.0), device((b,), 0.4), device((b,), 0.3)]
+        assert sandbox.helper_cores(devices) == (spare or (b,))
+        # a device without a quota takes its cores whole; one spread over two takes half each
+        assert sandbox.helper_cores([device((a,), None), device((a, b), 0.5)]) == (spare or (b,))
+        full = [device((a,), 1.0), device((b,), 0.6), device((b,), 0.4)]
+        assert sandbox.helper_cores(full) == (spare or None)
+    # nothing pinned: the scheduler places the helpers
+    assert sandbox.helper_cores([device(None, 0.5)]) is None
+    assert sandbox.helper_cores([]) is None
+
+
+def test_on_cores_pins_every_thread_and_puts_them_back() -> None:
+    import threading
+
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    seen: dict[str, set[int]] = {}
+    go, done = threading.Event(), threading.Event()
+
+    def older() -> None:  # started before the block: pinned too
+        go.wait(10)
+        seen["older"] = os.sched_getaffinity(0)
+        done.wait(10)
+        seen["older after"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=older)
+    thread.start()
+    with sandbox.on_cores((core,)):
+        seen["main"] = os.sched_getaffinity(0)
+        go.set()
+        time.sleep(0.05)
+    done.set()
+    thread.join(10)
+    assert seen["main"] == seen["older"] == {core}
+    assert os.sched_getaffinity(0) == seen["older after"] == before
+    with sandbox.on_cores(None):
+        assert os.sched_getaffinity(0) == before
+
+
 def test_names_are_safe_and_distinct() -> None:
     assert state.netns_name("pi-gpu", "pi1") == "os-pi-gpu.pi1"
     assert state.netns_name("a b/c", "d.e") == "os-a_b_c.d_e"
@@ -294,6 +342,11 @@ def test_status_measures_links_and_devices_within_spec(shaped: Testbed, shaped_f
         assert link["rtt_ms"] == pytest.approx(20.0, rel=0.10)
         assert link["mbps"] == pytest.approx(50.0, rel=0.10)
     devices = {d["name"]: d for d in report["devices"]}
+    # the delay forwarder runs on the core the devices leave most room on (slow's, at 0.25)
+    forwarder = state.read_state(shaped.name).forwarder_pid  # type: ignore[union-attr]
+    helpers = emulate.helper_cores(shaped)
+    assert helpers is None or 1 not in helpers  # fast's core is the busier one
+    assert os.sched_getaffinity(forwarder) == set(helpers or os.sched_getaffinity(0))
     assert devices["slow"]["speed"] == pytest.approx(0.25, rel=0.10)
     assert devices["fast"]["speed"] == pytest.approx(0.5, rel=0.10)
     assert devices["slow"]["address"] == emulate.device_host(shaped, "slow") != "127.0.0.1"

@@ -21,7 +21,16 @@ if TYPE_CHECKING:
     from optisplit.emulate.state import TestbedState
     from optisplit.testbed import Testbed
 
-__all__ = ["LOOPBACK", "check_testbed", "device_host", "down", "is_up", "up", "wrap_command"]
+__all__ = [
+    "LOOPBACK",
+    "check_testbed",
+    "device_host",
+    "down",
+    "helper_cores",
+    "is_up",
+    "up",
+    "wrap_command",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,15 @@ def wrap_command(testbed: Testbed, device: str, argv: list[str]) -> list[str]:
         pace = [] if spec.pace is None else ["env", f"{PACE_ENV}={spec.pace}"]
         return [*pace, *sandbox.pin_prefix(spec.cores), *argv]
     return [*sandbox.command_prefix(state, device), *argv]
+
+
+def helper_cores(testbed: Testbed) -> tuple[int, ...] | None:
+    """Cores for the processes that serve the devices of ``testbed`` on this host (the client,
+    the delay forwarder): those the devices' pinning and quotas leave the most room on, or None
+    (no device is pinned, or every core is fully allotted). See ``sandbox.helper_cores``."""
+    from optisplit.emulate import sandbox
+
+    return sandbox.helper_cores(testbed.devices.values())
 
 
 def up(
