@@ -12,8 +12,8 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   it, so medians miss the stalls); a stage runs its blocks back to back like the whole model.
   Measured on the emulated testbed: mobilenet_v2 on a quota-0.5 device sums to 43.7 ms of block
   medians against 60.8 ms whole, and the stages ran 57-82 ms (``bench/fidelity.py``). A paced
-  device (``throttle: pace``) runs its stages block by block exactly as its profile timed them,
-  so ``w = 1`` there.
+  device (``throttle: pace``) runs its stages block by block, as its profile timed them, so
+  ``w = 1`` there.
 * A profile timed with the CPU clock (provenance ``clock: cpu``: the thread's CPU time, immune to
   other processes on a shared host) measures work, not wall time; on a device limited to a CPU
   quota ``q`` (a fraction of one core; emulated devices) that work takes ``1 / min(q, 1)`` times
