@@ -6,7 +6,8 @@ condition, search the exact front with the cost model, validate every front plan
 latency and throughput MAPE, Spearman per objective and front precision/recall
 (``optisplit.compare``). Each model is profiled on every device inside its sandbox right before
 its first cases on a testbed, by default with the CPU clock (immune to other processes on a
-shared host; the cost model divides CPU-clock times by the device's CPU quota).
+shared host; the cost model divides CPU-clock times by the device's CPU quota); a profile that
+wandered (``BlockProfile.wander``: the host slowed down during it) is taken again, at most twice.
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
         [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
@@ -44,12 +45,16 @@ from optisplit.calibrate import calibrate_overheads  # noqa: E402
 from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
 from optisplit.cost import Overheads, load_cost_model  # noqa: E402
 from optisplit.plan import Plan  # noqa: E402
-from optisplit.profile import profile_path  # noqa: E402
+from optisplit.profile import load_profile, profile_path  # noqa: E402
+from optisplit.profiler import WANDER_WARN  # noqa: E402
 from optisplit.search import get_engine  # noqa: E402
 from optisplit.testbed import Testbed, apply_condition, load_testbed  # noqa: E402
 from optisplit.validate import validate_plans  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+_PROFILE_RETRIES = 2
+"""Profile a device again (at most this often) when its profile wandered (the host's speed
+changed during it: ``BlockProfile.wander`` above ``WANDER_WARN``)."""
 
 
 def _args() -> argparse.Namespace:
@@ -123,7 +128,12 @@ def _profile(
         argv += ["--testbed", str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml")]
         argv += ["--out", root, "--clock", args.clock, "--repeats", str(args.repeats)]
         argv += ["--spread", str(args.spread), "--json"]
-        subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        for _ in range(1 + _PROFILE_RETRIES):
+            subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            wander = load_profile(profile_path(root, device, model, 1)).wander
+            if wander is None or wander <= WANDER_WARN:
+                break
+            print(f"{model} on {device}: profile wandered by {100 * wander:.0f} %", flush=True)
 
 
 def _case(

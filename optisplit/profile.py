@@ -89,6 +89,17 @@ class BlockProfile:
     def sum_ms(self) -> float:
         return float(sum(b.time_ms for b in self.blocks))
 
+    @property
+    def wander(self) -> float | None:
+        """How far the whole model's median time lies above its 10th percentile, as a fraction
+        (None when the provenance lacks it). About 0.01-0.02 for a device that kept its speed;
+        a host that slowed down for much of the profile shows more: 0.29 in one profile on this
+        VM, whose median then overstated the device's stages by a quarter."""
+        p10 = self.provenance.get("whole_p10_ms")
+        if not isinstance(p10, (int, float)) or p10 <= 0:
+            return None
+        return max(self.whole_ms - p10, 0.0) / p10
+
     def cut_bytes(self, cut: int) -> int:
         """Bytes crossing cut ``cut``: 0 is the input, B the output, 1..B-1 interior."""
         if cut == 0:

@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_MAX_SECONDS",
     "DEFAULT_REPEATS",
     "DEFAULT_WARMUP",
+    "WANDER_WARN",
     "profile_chain",
     "profile_model",
     "profile_module",
@@ -51,6 +52,9 @@ DEFAULT_REPEATS = 15
 DEFAULT_MAX_SECONDS = 10.0
 """Timed rounds stop early once they have taken this long (at least ``MIN_REPEATS`` rounds run)."""
 MIN_REPEATS = 5
+WANDER_WARN = 0.10
+"""A profile whose whole-model median lies this far above its 10th percentile gets a warning
+(``BlockProfile.wander``): steady devices here stay within 0.02."""
 _log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
@@ -229,7 +233,19 @@ def profile_chain(
         settings["spread_s"] = spread_s
     if pace is not None:
         settings["pace"] = pace
-    return _build_profile(chain, device, settings, block_ms, whole_ms, mem)
+    profile = _build_profile(chain, device, settings, block_ms, whole_ms, mem)
+    wander = profile.wander
+    if wander is not None and wander > WANDER_WARN:
+        _log.warning(
+            "profile of %s on %s wandered: whole model median %.2f ms, 10th percentile %.2f ms "
+            "(%.0f %% apart); the device's speed changed while it was profiled: profile again",
+            chain.name,
+            device,
+            profile.whole_ms,
+            profile.provenance["whole_p10_ms"],
+            100 * wander,
+        )
+    return profile
 
 
 def _check_counts(threads: int, warmup: int, repeats: int) -> None:

@@ -68,3 +68,17 @@ def test_bad_files_name_the_file(tmp_path: Path) -> None:
     partial.write_text(json.dumps({**doc}))
     with pytest.raises(ProfileError, match="missing field 'whole_ms'"):
         load_profile(partial)
+
+
+def test_wander_says_how_far_the_median_lies_above_the_10th_percentile() -> None:
+    from synthetic import synthetic_profile
+
+    base = synthetic_profile(3, times_ms=[10, 10, 10])
+
+    def with_p10(p10: object, whole: float = 31.8) -> BlockProfile:
+        provenance = {} if p10 is None else {"whole_p10_ms": p10}
+        return BlockProfile(**{**base.__dict__, "whole_ms": whole, "provenance": provenance})
+
+    assert with_p10(24.66).wander == pytest.approx((31.8 - 24.66) / 24.66)
+    assert with_p10(31.8).wander == 0.0
+    assert with_p10(None).wander is None and with_p10("x").wander is None
