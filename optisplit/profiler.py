@@ -198,9 +198,10 @@ def profile_chain(
     if pace is not None and threads != 1:
         raise UsageError(f"a paced device runs one thread; got threads={threads}")
     # The CPU clock does not count rests, only what waking from them costs: paced at 0.5 on this
-    # host mobilenet_v2 used 8 % more CPU per pass than unpaced, while a paced worker's stages
-    # in a pipeline (optisplit validate on the local testbed) ran within 3 % of the unpaced
-    # profile. So a CPU-clock profile times the work unpaced; the cost model divides by the pace.
+    # host mobilenet_v2 used 8-12 % more CPU per pass than unpaced (bench/rests.py), while a
+    # paced worker's stages in a pipeline (optisplit validate on the local testbed) ran within
+    # -3..+6 % of the unpaced profile. So a CPU-clock profile times the work unpaced; the cost
+    # model divides by the pace.
     pacer = None if pace is None or clock == "cpu" else Pacer(pace)
     if sandbox:
         chain = trace(
@@ -283,8 +284,9 @@ def _measure(
     seconds after the first, and its whole-model run half a round later: both then start after
     a rest, as a stage does in a pipeline (its device waits for its input). Run right after the
     blocks, the whole model would find their weights and buffers in the caches: on this host
-    such a warm run of mobilenet_v2 took 10.9 ms against 11.7 ms after a rest (resnet18: 24.2
-    against 25.1), and the cost model's ``whole_ms / Σ blocks`` would carry that into every stage.
+    such a warm run of mobilenet_v2 took 11.5 ms against 12.1 ms after a rest (resnet18: 27.8
+    against 28.5; ``bench/rests.py``), and the cost model's ``whole_ms / Σ blocks`` would
+    carry that into every stage.
     """
     stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
     inputs = _capture_inputs(stages, chain.example_inputs)
@@ -292,6 +294,7 @@ def _measure(
     block_ms: list[list[float]] = [[] for _ in stages]
     whole_ms: list[float] = []
     total = warmup + repeats
+    slot = spread_s / repeats
     gc.collect()
     gc.disable()
     deadline = None
@@ -305,7 +308,6 @@ def _measure(
                     deadline = first + spread_s + max_seconds
             if deadline is not None and timed >= MIN_REPEATS and time.monotonic() > deadline:
                 break
-            slot = spread_s / repeats
             if timed > 0 and slot > 0:
                 _sleep_until(first + timed * slot)
             times = _run_blocks(stages, chain.example_inputs, timer, pacer)
