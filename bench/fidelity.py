@@ -20,7 +20,8 @@ Right before each ``lan`` case the backend is calibrated (:mod:`optisplit.calibr
 ``optisplit calibrate``: per-message, hand-off and per-request costs; they drift by a millisecond
 or two over minutes here); ``wifi`` and ``constrained`` cases reuse the last calibration (the
 probe needs fast links). ``thr0 MAPE%`` is the throughput error of the
-same measurements against predictions without ``request_ms``.
+same measurements against predictions without ``request_ms``, ``thr-h%`` without the shared
+host's per-core bound (as if each device were a machine of its own).
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).
@@ -173,6 +174,15 @@ def _case(
         {**r, "predicted": _objectives(bare.evaluate(e.plan))} for r, e in zip(results, front)
     ]
     without = compare_plans(plans_from_results(unloaded), backend=backend)
+    # and without the shared host's cores (each device on a machine of its own)
+    apart = dataclasses.replace(
+        bed, devices={n: dataclasses.replace(d, cores=None) for n, d in bed.devices.items()}
+    )
+    unshared = load_cost_model(model, apart, profiles_root=args.profiles, overheads=overheads)
+    alone = [
+        {**r, "predicted": _objectives(unshared.evaluate(e.plan))} for r, e in zip(results, front)
+    ]
+    without_cores = compare_plans(plans_from_results(alone), backend=backend)
     return {
         "compute_mape": _compute_mape(cost, results),
         "testbed": bed.name,
@@ -189,6 +199,11 @@ def _case(
         "without_request_ms": {
             "latency_mape": without.latency_mape,
             "throughput_mape": without.throughput_mape,
+        },
+        "without_host_cores": {
+            "latency_mape": without_cores.latency_mape,
+            "throughput_mape": without_cores.throughput_mape,
+            "throughput_spearman": without_cores.throughput_spearman,
         },
         **_diagnostics(cost, results, backend),
         "front_precision": comparison.front_precision,
@@ -274,7 +289,8 @@ def _fmt(value: Any, spec: str) -> str:
 def _print(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
-        f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'lat rho':>7} {'thr rho':>7} "
+        f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'thr-h%':>6} "
+        f"{'lat rho':>7} {'thr rho':>7} "
         f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'rr thr%':>7} "
         f"{'rr rho':>6} {'s':>6}"
     )
@@ -287,6 +303,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
             f"{r['plans']:>5} {_fmt(r['latency_mape'], '9.1f')} "
             f"{_fmt(r['throughput_mape'], '9.1f')} "
             f"{_fmt(r['without_request_ms']['throughput_mape'], '10.1f')} "
+            f"{_fmt(r.get('without_host_cores', {}).get('throughput_mape'), '6.1f')} "
             f"{_fmt(r['latency_spearman'], '7.2f')} "
             f"{_fmt(r['throughput_spearman'], '7.2f')} {_fmt(r['front_precision'], '5.2f')} "
             f"{_fmt(r['front_recall'], '6.2f')} {_fmt(r.get('compute_mape'), '9.1f')} "

@@ -19,6 +19,17 @@ costs show (a zoo model's 224x224 input takes 4.8 ms per request on a 1 Gbit/s l
   in the same run, not a profile: how far a profile is off its run differs from model to model,
   and ``request_ms`` would carry the probe model's share of it into every prediction.
 
+- ``client_ms``, ``forward_ms`` and ``forward_ms_per_mb`` (single-host testbeds only,
+  ``Testbed.host_cores``): while each probe plan streams, the CPU time per request of every
+  core of the host, of every device's worker and of the delay forwarder is read
+  (``Measurement.host``). The helper cores (``emulate.helper_cores``) carry the client and the
+  forwarder besides any device pinned there: ``client_ms`` is what their busy time leaves
+  after those devices' workers, the forwarder and the copies of the probe's input and output
+  (median over both plans). The forwarder passes four messages per request in both plans
+  (input to the source, the source's transfer, the output back, the output to the client),
+  24 KB in all in one and 274 KB in the other: the two fix its cost per message
+  (``forward_ms``) and per MB (``forward_ms_per_mb``).
+
 Both plans are measured ``rounds`` times (3 by default), taking turns, and the medians kept.
 
 The result is stored per testbed and backend in ``<profiles>/overheads/<testbed>-<backend>.json``
@@ -36,6 +47,7 @@ import platform
 import statistics
 import tempfile
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +77,8 @@ PROBE_FACTORY = "optisplit.calibrate:probe_model"
 _PROBE_DEPTH = 8
 """Requests in flight while streaming: enough that the probe's latency does not bound its rate."""
 _TERMS = ("message_ms", "handoff_ms", "request_ms")
+_HOST_TERMS = ("client_ms", "forward_ms", "forward_ms_per_mb")
+"""Terms of single-host testbeds; calibrations without them read as 0."""
 _MAX_WIRE_MS = 20.0
 """Refuse links on which the probe's input takes longer than this (wifi's 50 Mbit/s: 96 ms)."""
 
@@ -78,6 +92,9 @@ class Calibration:
     message_ms: float
     handoff_ms: float
     request_ms: float
+    client_ms: float = 0.0
+    forward_ms: float = 0.0
+    forward_ms_per_mb: float = 0.0
     probe: str = PROBE_FACTORY
     measured: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The probe's raw figures: ``period_ms``, ``compute_ms``, ``hops`` (ms) and the plans."""
@@ -93,6 +110,9 @@ class Calibration:
             message_ms=self.message_ms,
             handoff_ms=self.handoff_ms,
             request_ms=self.request_ms,
+            client_ms=self.client_ms,
+            forward_ms=self.forward_ms,
+            forward_ms_per_mb=self.forward_ms_per_mb,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +176,7 @@ def load_calibration(
     )
     try:
         values = {k: float(doc[k]) for k in _TERMS}
+        values.update({k: float(doc.get(k, 0.0)) for k in _HOST_TERMS})
     except (KeyError, TypeError, ValueError):
         raise ProfileError(f"{path}: calibration lacks numbers for {', '.join(_TERMS)}") from None
     if not all(0.0 <= v < float("inf") for v in values.values()):
@@ -248,10 +269,14 @@ def calibrate_overheads(
     hops: list[list[dict[str, Any]]] = []
     periods: list[float] = []
     computes: list[float] = []
+    helpers = _Helpers(testbed, chain)
     for _ in range(rounds):  # the plans take turns: a slow spell spreads over both
         if other != testbed.source:
-            hops.append(run(split)["transfers"])
+            measured = run(split)
+            hops.append(measured["transfers"])
+            helpers.add(split, measured)
         measured = run(alone)
+        helpers.add(alone, measured)
         period = 1000.0 / measured["throughput_rps"]
         if max(wire, measured["latency_ms"] / _PROBE_DEPTH) >= 0.9 * period:
             raise _too_slow(testbed, wire)  # the link or the delay set the pace
@@ -278,6 +303,7 @@ def calibrate_overheads(
         if hop["src"] != hop["dst"] and (hop["src"], hop["dst"]) in sizes
     ]
     message = statistics.median(residuals) if residuals else base.message_ms
+    forward = helpers.forward_terms()
     handoffs = [h[0]["ms"] for h in hops] + [h[-1]["ms"] for h in hops]
     return Calibration(
         testbed=testbed.name,
@@ -285,12 +311,19 @@ def calibrate_overheads(
         message_ms=round(max(message, 0.0), 4),
         handoff_ms=round(max(statistics.median(handoffs), 0.0), 4),
         request_ms=round(max(statistics.median(requests_ms), 0.0), 4),
+        client_ms=round(helpers.client_ms(), 4),
+        forward_ms=round(forward[0], 4),
+        forward_ms_per_mb=round(forward[1], 4),
         measured={
             "plans": [split, alone] if other != testbed.source else [alone],
             "period_ms": periods,
             "compute_ms": computes,
             "request_ms": requests_ms,
             "hops": [[{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in hops],
+            "client_ms": helpers.clients,
+            "forwarder_ms": [
+                {"messages": m, "mb": mb, "ms": v} for (m, mb), v in helpers.forwards.items()
+            ],
             "requests": requests,
             "rounds": rounds,
             "window_s": window_s,
@@ -298,6 +331,74 @@ def calibrate_overheads(
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         host=platform.node(),
     )
+
+
+class _Helpers:
+    """The client's and the forwarder's CPU time per request, read from probe measurements."""
+
+    def __init__(self, testbed: Testbed, chain: Any) -> None:
+        from optisplit import emulate
+        from optisplit.cost import Overheads
+
+        self.testbed = testbed
+        self.cut_bytes = [chain.input_bytes, *(c.bytes for c in chain.cuts), chain.output_bytes]
+        self.copy_ms = Overheads().copy_ms
+        host = testbed.host_cores
+        self.cores = () if host is None else emulate.helper_cores(testbed) or host
+        self.clients: list[float] = []
+        self.forwards: dict[tuple[int, float], list[float]] = {}
+        """(messages, MB) the forwarder passes per request -> its CPU ms per request."""
+
+    def add(self, plan_text: str, measured: dict[str, Any]) -> None:
+        from optisplit.plan import Plan
+
+        load = measured.get("host") or {}
+        cores_ms = load.get("cores_ms") or {}
+        if not self.cores or not all(str(c) in cores_ms for c in self.cores):
+            return  # not one host, or no per-core figures here
+        busy = sum(cores_ms[str(c)] for c in self.cores)
+        for device, ms in (load.get("devices_ms") or {}).items():
+            pinned = self.testbed.devices[device].cores or ()
+            busy -= ms * sum(1 for c in pinned if c in self.cores) / max(len(pinned), 1)
+        watched = load.get("watched_ms") or {}
+        forwarder = watched.get("forwarder", 0.0)
+        copies = self.copy_ms(self.cut_bytes[0]) + self.copy_ms(self.cut_bytes[-1])
+        self.clients.append(max(busy - forwarder - copies, 0.0))  # the model adds the copies
+        if "forwarder" not in watched:
+            return
+        stages = Plan.parse(plan_text).stages
+        # the client's input to the source and the sink's output to the client pass the
+        # forwarder too, as does every transfer between two devices
+        sizes = [self.cut_bytes[0], self.cut_bytes[-1]]
+        moves = [(self.testbed.source, stages[0].device, self.cut_bytes[0])]
+        moves += [(a.device, b.device, self.cut_bytes[b.start]) for a, b in pairwise(stages)]
+        moves.append((stages[-1].device, self.testbed.sink, self.cut_bytes[-1]))
+        sizes += [n for u, v, n in moves if u != v]
+        key = (len(sizes), sum(sizes) / 1e6)
+        self.forwards.setdefault(key, []).append(forwarder)
+
+    def client_ms(self) -> float:
+        return statistics.median(self.clients) if self.clients else 0.0
+
+    def forward_terms(self) -> tuple[float, float]:
+        """(ms per message, ms per MB) of the forwarder: least squares over the plans' medians
+        (two plans of as many messages and different sizes fix both), neither below 0."""
+        points = [(m, mb, statistics.median(v)) for (m, mb), v in self.forwards.items()]
+        if not points:
+            return 0.0, 0.0
+        per_message = statistics.median(ms / m for m, _, ms in points)
+        if len({round(mb / m, 9) for m, mb, _ in points}) < 2:
+            return per_message, 0.0  # one mix of sizes: it cannot tell bytes from messages
+        import numpy as np
+
+        design = np.array([[m, mb] for m, mb, _ in points])
+        spent = np.array([ms for _, _, ms in points])
+        (fixed, rate), *_ = np.linalg.lstsq(design, spent, rcond=None)
+        if fixed >= 0 and rate >= 0:
+            return float(fixed), float(rate)
+        if rate < 0:  # the bytes explain nothing: all per message
+            return per_message, 0.0
+        return 0.0, statistics.median(ms / mb for _, mb, ms in points)
 
 
 def _wire_ms(testbed: Testbed, src: str, dst: str, nbytes: int) -> float:

@@ -37,6 +37,22 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   Busy time of each **link direction** ``u -> v``: the sum, over the plan's transfers routed
   through it, of ``n * 8 / (mbps * 1e3)``. Links are full duplex; propagation delay occupies
   no resource.
+* Busy time per request of each **core of a shared host**, on a testbed whose every device is
+  pinned to ``cores`` of one machine (``Testbed.host_cores``: an emulated testbed): the CPU
+  time per request of all the work pinned to it. A device's CPU per request is its compute
+  times its share of a core (``pace`` on a paced device, ``min(cpu_quota, 1)`` on a
+  quota-limited one, 1 otherwise), plus its copies and ``request_ms`` as above; it is spread
+  evenly over the device's cores. The emulation's own processes run on the testbed's helper
+  cores (``testbed.helper_cores``: the least-allotted ones; every core when all are full),
+  spread evenly over them: ``client_ms`` per request plus ``copy`` of the input and the output
+  (the client that sends inputs and takes outputs), and ``forward_ms`` plus
+  ``forward_ms_per_mb`` per MB for every message the userspace delay path forwards: each
+  transfer between two devices, the input from the client to the source and the output from
+  the sink to the client. Each device's own bound leaves its rests to others; this one says whether
+  they all fit: two paced devices, their runtime threads, the client and the forwarder on
+  one core saturated it at 9.0 ms per request (socket) and 15.2 ms (RPC) in a three-device
+  mobilenet_v2 pipeline on ``local3`` (``bench/hostload.py``), where every device's own
+  busy time was under 8 ms.
 * ``throughput_rps = 1000 / max(bottleneck_ms, latency_ms / depth)``: the asymptotic bounds of
   a closed queueing network (Lazowska et al., *Quantitative System Performance*, 1984, §5.2)
   with ``depth`` requests in flight. ``depth`` defaults to ``2 * k``, the default of
@@ -63,7 +79,7 @@ from typing import Any
 from optisplit.errors import ProfileError
 from optisplit.plan import Plan
 from optisplit.profile import BlockProfile, load_profile, profile_path
-from optisplit.testbed import Testbed
+from optisplit.testbed import Testbed, helper_cores
 
 __all__ = [
     "CostModel",
@@ -98,8 +114,18 @@ class Overheads:
             ``optisplit calibrate`` measures it per runtime backend with a probe: 0-0.16 ms on
             the socket backend and 0.70-0.88 ms over RPC on the emulated testbeds here.
 
-    ``message_ms``, ``handoff_ms`` and ``request_ms`` depend on the runtime backend and the host:
-    ``optisplit calibrate`` measures them per testbed and backend (:mod:`optisplit.calibrate`).
+        client_ms: CPU time per request of the client that feeds the pipeline (sends inputs,
+            takes and checks outputs) on a shared host's helper cores; only single-host
+            (emulated) testbeds count it. ``0`` by default; ``optisplit calibrate`` measures it.
+        forward_ms, forward_ms_per_mb: CPU time of the userspace delay path (the emulation's
+            forwarder) per message and per MB it forwards, on the helper cores of a single-host
+            testbed. Every message between two devices passes it once, and so do the input
+            from the client to the source and the output from the sink to the client. ``0`` by
+            default; ``optisplit calibrate`` measures them.
+
+    ``message_ms``, ``handoff_ms``, ``request_ms``, ``client_ms``, ``forward_ms`` and
+    ``forward_ms_per_mb`` depend on the runtime backend and the host: ``optisplit calibrate`` measures them per
+    testbed and backend (:mod:`optisplit.calibrate`).
     """
 
     message_ms: float = 0.05
@@ -108,6 +134,9 @@ class Overheads:
     whole_model: bool = True
     handoff_ms: float = 0.0
     request_ms: float = 0.0
+    client_ms: float = 0.0
+    forward_ms: float = 0.0
+    forward_ms_per_mb: float = 0.0
 
     def copy_ms(self, nbytes: int) -> float:
         """Serialisation time of ``nbytes`` on one side of a transfer."""
@@ -243,6 +272,16 @@ class CostModel:
         )
         self.block_mem_bytes = tuple(b.mem_bytes for b in reference.blocks)
         self._routes: dict[tuple[str, str], Route] = {}
+        self.host_cores: tuple[int, ...] = testbed.host_cores or ()
+        """Cores of the shared host (empty: devices are machines of their own)."""
+        self._core_share: dict[str, dict[int, float]] = {}
+        self._helper_share: dict[int, float] = {}
+        if self.host_cores:
+            for name, dev in testbed.devices.items():
+                cores = dev.cores or ()
+                self._core_share[name] = {c: 1.0 / len(cores) for c in cores}
+            helpers = helper_cores(testbed.devices.values(), self.host_cores) or self.host_cores
+            self._helper_share = {c: 1.0 / len(helpers) for c in helpers}
 
     def _whole_factor(self, device: str, profile: BlockProfile) -> float:
         """``whole_ms / Σ block medians`` when ``Overheads.whole_model`` is on, else 1.
@@ -352,6 +391,86 @@ class CostModel:
         of the input and the sink's of the output are included when they run this stage
         without being the first/last one.
         """
+        compute, extra = self._stage_parts(device, start, end, first=first, last=last)
+        pace = self.testbed.devices[device].pace
+        if pace is not None:
+            # a paced device computes for pace x its compute time and rests for the remainder;
+            # its runtime's threads work during the rests, so only what overflows them counts
+            return max(compute, compute * pace + extra)
+        return compute + extra
+
+    def cpu_share(self, device: str) -> float:
+        """The share of a core a device's compute keeps busy: ``pace`` when paced,
+        ``min(cpu_quota, 1)`` under a quota, 1 otherwise."""
+        dev = self.testbed.devices[device]
+        if dev.pace is not None:
+            return dev.pace
+        if dev.cpu_quota is not None and dev.cpu_quota > 0:
+            return min(dev.cpu_quota, 1.0)
+        return 1.0
+
+    def stage_cpu(self, device: str, start: int, end: int, *, first: bool, last: bool) -> float:
+        """CPU time per request of a stage's device: its compute at :meth:`cpu_share`, plus the
+        copies and ``request_ms`` of :meth:`stage_busy`."""
+        compute, extra = self._stage_parts(device, start, end, first=first, last=last)
+        return compute * self.cpu_share(device) + extra
+
+    def core_load(self, device: str, cpu_ms: float) -> dict[int, float]:
+        """``cpu_ms`` of work on ``device`` spread over its cores of the shared host."""
+        return {c: cpu_ms * share for c, share in self._core_share.get(device, {}).items()}
+
+    def helper_load(self, ms: float) -> dict[int, float]:
+        """``ms`` of the emulation's own work spread over the helper cores."""
+        return {c: ms * share for c, share in self._helper_share.items()}
+
+    def client_cpu_ms(self) -> float:
+        """CPU time per request on the helper cores that every plan costs: the client
+        (``client_ms``, copying the input out and the output in) and the delay path's
+        forwarding of the input and the output between client and testbed (0 unless the
+        testbed shares one host)."""
+        if not self.host_cores:
+            return 0.0
+        copy = self.overheads.copy_ms
+        first, last = self.cut_bytes[0], self.cut_bytes[-1]
+        client = self.overheads.client_ms + copy(first) + copy(last)
+        return client + self.forward_cpu_ms(first) + self.forward_cpu_ms(last)
+
+    def forward_cpu_ms(self, nbytes: int) -> float:
+        """CPU time of the delay path for one message of ``nbytes`` (0 unless the testbed shares
+        one host)."""
+        if not self.host_cores:
+            return 0.0
+        return self.overheads.forward_ms + self.overheads.forward_ms_per_mb * nbytes / 1e6
+
+    def forward_ms(self, nbytes: int, src: str, dst: str) -> float:
+        """CPU time of the delay path for one transfer (0 when ``src == dst``)."""
+        return 0.0 if src == dst else self.forward_cpu_ms(nbytes)
+
+    def core_loads(self, plan: Plan) -> dict[int, float]:
+        """Busy time per request of each core of the shared host (empty when there is none)."""
+        if not self.host_cores:
+            return {}
+        loads = dict.fromkeys(self.host_cores, 0.0)
+
+        def add(part: Mapping[int, float]) -> None:
+            for core, ms in part.items():
+                loads[core] += ms
+
+        stages = plan.stages
+        for i, s in enumerate(stages):
+            cpu = self.stage_cpu(s.device, s.start, s.end, first=i == 0, last=i == len(stages) - 1)
+            add(self.core_load(s.device, cpu))
+        for d in {self.testbed.source, self.testbed.sink} - set(plan.devices):
+            add(self.core_load(d, self.idle_busy(d)))
+        helpers = self.client_cpu_ms()
+        helpers += sum(self.forward_ms(n, src, dst) for src, dst, n in self.transfers_of(plan))
+        add(self.helper_load(helpers))
+        return loads
+
+    def _stage_parts(
+        self, device: str, start: int, end: int, *, first: bool, last: bool
+    ) -> tuple[float, float]:
+        """(compute, copies + ``request_ms``) of a stage, as :meth:`stage_busy` counts them."""
         copy = self.overheads.copy_ms
         source, sink = self.testbed.source, self.testbed.sink
         compute = self.compute_ms(device, start, end)
@@ -364,12 +483,7 @@ class CostModel:
             extra += copy(self.cut_bytes[0]) + self.overheads.request_ms
         if device == sink and not last:  # and the output from the last one
             extra += copy(self.cut_bytes[self.n_blocks]) + self.overheads.request_ms
-        pace = self.testbed.devices[device].pace
-        if pace is not None:
-            # a paced device computes for pace x its compute time and rests for the remainder;
-            # its runtime's threads work during the rests, so only what overflows them counts
-            return max(compute, compute * pace + extra)
-        return compute + extra
+        return compute, extra
 
     def idle_busy(self, device: str) -> float:
         """Busy time of the source or sink when it runs no stage (relaying input/output)."""
@@ -439,7 +553,7 @@ class CostModel:
         )
 
     def _bottleneck(self, plan: Plan) -> float:
-        """The largest busy time per request over devices and link directions."""
+        """The largest busy time per request over devices, link directions and shared cores."""
         stages = plan.stages
         busy = [
             self.stage_busy(s.device, s.start, s.end, first=i == 0, last=i == len(stages) - 1)
@@ -451,7 +565,7 @@ class CostModel:
         for src, dst, nbytes in self.transfers_of(plan):
             for hop, ms in self.link_loads(nbytes, src, dst):
                 loads[hop] = loads.get(hop, 0.0) + ms
-        return max([*busy, *loads.values()])
+        return max([*busy, *loads.values(), *self.core_loads(plan).values()])
 
 
 def load_cost_model(

@@ -73,7 +73,8 @@ class DemoResult:
     comparison: Comparison
     seconds: dict[str, float] = field(default_factory=dict)
     overheads: dict[str, float] = field(default_factory=dict)
-    """The runtime terms the predictions used (``message_ms``, ``handoff_ms``, ``request_ms``)."""
+    """The runtime terms the predictions used (``message_ms``, ``handoff_ms``, ``request_ms``,
+    ``client_ms``, ``forward_ms``, ``forward_ms_per_mb``)."""
     calibrated: bool = False
     """Whether ``overheads`` were calibrated on the testbed (else the defaults)."""
 
@@ -269,6 +270,9 @@ def _run_steps(
             "message_ms": overheads.message_ms,
             "handoff_ms": overheads.handoff_ms,
             "request_ms": overheads.request_ms,
+            "client_ms": overheads.client_ms,
+            "forward_ms": overheads.forward_ms,
+            "forward_ms_per_mb": overheads.forward_ms_per_mb,
         },
         calibrated=calibration is not None,
     )

@@ -30,7 +30,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,8 @@ __all__ = [
     "Link",
     "Testbed",
     "apply_condition",
+    "core_shares",
+    "helper_cores",
     "list_testbeds",
     "load_testbed",
     "parse_testbed",
@@ -177,6 +179,18 @@ class Testbed:
         )
         return dataclasses.replace(self, links=links)
 
+    @property
+    def host_cores(self) -> tuple[int, ...] | None:
+        """The cores of the one host every device shares (an emulated testbed), or None.
+
+        A testbed whose every device is pinned to ``cores`` runs on one machine: its devices,
+        and the client and delay forwarder serving them, share these cores. Otherwise the
+        devices are machines of their own.
+        """
+        if not self.devices or any(not d.cores for d in self.devices.values()):
+            return None
+        return tuple(sorted({c for d in self.devices.values() for c in d.cores or ()}))
+
     def to_dict(self) -> dict[str, Any]:
         """The file form (``memory_mb`` in MiB), suitable for ``parse_testbed``."""
         devices: dict[str, Any] = {}
@@ -211,6 +225,37 @@ class Testbed:
             ],
             "switches": list(self.switches),
         }
+
+
+def core_shares(devices: Iterable[Device], allowed: Iterable[int]) -> dict[int, float]:
+    """How much of each core in ``allowed`` the pinned ``devices`` are allotted (in cores).
+
+    A device's quota (all of its cores when it has none) is spread evenly over its cores;
+    cores outside ``allowed`` are left out.
+    """
+    load = dict.fromkeys(sorted(allowed), 0.0)
+    for device in devices:
+        cores = [c for c in (device.cores or ()) if c in load]
+        if not cores:
+            continue
+        share = len(cores) if device.cpu_quota is None else min(device.cpu_quota, len(cores))
+        for core in cores:
+            load[core] += share / len(cores)
+    return load
+
+
+def helper_cores(devices: Iterable[Device], allowed: Iterable[int]) -> tuple[int, ...] | None:
+    """The cores of ``allowed`` where the emulation's own processes (the client, the delay
+    forwarder) disturb the pinned ``devices`` least: those with the smallest share allotted,
+    when that share leaves room (under one core); None when no device is pinned to one of
+    ``allowed`` or every core is fully allotted (the helpers then run anywhere)."""
+    devices = list(devices)
+    load = core_shares(devices, allowed)
+    pinned = any(c in load for d in devices for c in d.cores or ())
+    least = min(load.values(), default=1.0)
+    if not pinned or least >= 1.0:
+        return None
+    return tuple(c for c in load if load[c] == least)
 
 
 def apply_condition(testbed: Testbed, name: str) -> Testbed:

@@ -317,6 +317,8 @@ class _Run:
         )
         # local workers share this host with us: keep off the cores the devices need
         helpers = None if self.workers is None else emulate.helper_cores(self.testbed)
+        forwarder = emulate.forwarder_pid(self.testbed)
+        watch = {} if forwarder is None else {"forwarder": forwarder}
         with on_cores(helpers), self.backend.deploy(self.spec, stages) as deployment:
             measured = measure(
                 deployment,
@@ -332,6 +334,7 @@ class _Run:
                 on_request=tick,
                 round_=round_,
                 window_s=window_s,
+                watch=watch,
             )
         if on_progress is not None:
             on_progress(label, "done", 1, 1)
@@ -466,6 +469,7 @@ def _result_from_study(plan: str, measured: Mapping[str, Any]) -> dict[str, Any]
         "requests",
         "stages",
         "transfers",
+        "host",
     )
     return {
         "plan": plan,

@@ -188,3 +188,48 @@ def test_calibrating_on_loopback_workers(tmp_path: Path) -> None:
     ]
     assert doc["handoff_ms"] > 0  # a local message costs something
     assert 0 <= doc["request_ms"] < max(measured["period_ms"])
+
+
+def test_client_and_forwarder_costs_from_the_host_figures() -> None:
+    from optisplit.calibrate import PROBE_FACTORY, PROBE_MODEL, _Helpers
+    from optisplit.chain import load_chain
+    from optisplit.testbed import load_testbed
+
+    bed = load_testbed("local3", root=ROOT / "profiles")
+    chain = load_chain(PROBE_MODEL, module=PROBE_FACTORY)
+    helpers = _Helpers(bed, chain)
+    assert helpers.cores  # local3's devices share this host: the helpers have cores
+    copies = Overheads().copy_ms(chain.input_bytes) + Overheads().copy_ms(chain.output_bytes)
+
+    def figures(devices: dict[str, float], forwarder: float, client: float) -> dict[str, object]:
+        # the helper cores carry the client, the forwarder, the client's copies and the share
+        # of each device pinned there
+        busy = client + forwarder + copies
+        for name, ms in devices.items():
+            pinned = bed.devices[name].cores or ()
+            busy += ms * sum(c in helpers.cores for c in pinned) / len(pinned)
+        cores = {str(c): busy / len(helpers.cores) for c in helpers.cores}
+        return {
+            "host": {
+                "devices_ms": devices,
+                "watched_ms": {"forwarder": forwarder},
+                "cores_ms": {**cores, "99": 5.0},  # cores outside the helpers do not count
+            }
+        }
+
+    # a forwarder that costs 0.05 ms per message and 2 ms per MB; four messages per request:
+    # input in, the source's transfer, the output back, the output out
+    inp, out, cut = chain.input_bytes, chain.output_bytes, chain.cuts[16].bytes
+    split_mb, alone_mb = (inp + cut + 2 * out) / 1e6, (2 * inp + 2 * out) / 1e6
+    split, alone = "slow1[0:17] -> fast[17:35]", "fast[0:35]"
+    for client in (0.5, 0.7):
+        helpers.add(split, figures({"slow1": 4.0, "fast": 3.0}, 0.2 + 2 * split_mb, client))
+        helpers.add(alone, figures({"slow1": 0.4, "fast": 6.5}, 0.2 + 2 * alone_mb, client))
+    assert helpers.client_ms() == pytest.approx(0.6)  # median of 0.5, 0.5, 0.7, 0.7
+    assert helpers.forward_terms() == pytest.approx((0.05, 2.0))
+    # a measurement without per-core figures, and a testbed of separate machines, add nothing
+    helpers.add(split, {"host": {}})
+    assert len(helpers.clients) == 4
+    pair = _Helpers(two_device_testbed(rtt_ms=0.2, mbps=1000.0), chain)
+    pair.add("a[0:35]", figures({}, 0.1, 0.7))
+    assert pair.cores == () and pair.client_ms() == 0.0 and pair.forward_terms() == (0.0, 0.0)

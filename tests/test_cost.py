@@ -11,6 +11,7 @@ from synthetic import synthetic_profile, two_device_testbed, write_profiles
 from optisplit.cost import CostModel, Overheads, load_cost_model
 from optisplit.errors import InvalidPlanError, ProfileError
 from optisplit.plan import Plan
+from optisplit.profile import BlockProfile
 from optisplit.testbed import Device, Link, Testbed
 
 MIB = 2**20
@@ -250,3 +251,81 @@ def test_evaluate_command_errors(
     assert main(["evaluate", "synth", *_cli_setup(tmp_path), *extra]) == code
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def model_profile() -> BlockProfile:
+    return synthetic_profile(3, times_ms=[10, 20, 30], cut_bytes=[125_000, 250_000, 12_500, 1_250])
+
+
+def _shared_host(client_ms: float, *, pinned: bool = True) -> CostModel:
+    """Two paced devices sharing core 1 and a fast one on core 0, all linked directly."""
+    profile = model_profile()
+
+    def device(name: str, core: int, quota: float, **more: object) -> Device:
+        return Device(
+            name,
+            profile="host",
+            cores=(core,) if pinned else None,
+            cpu_quota=quota,
+            throttle="pace" if quota < 1 else "quota",
+            **more,  # type: ignore[arg-type]
+        )
+
+    devices = {
+        "s1": device("s1", 1, 0.4),
+        "s2": device("s2", 1, 0.3),
+        "f": device("f", 0, 1.0, scale=0.1),
+    }
+    links = tuple(Link(a, b, 0.0, 1000.0) for a, b in (("s1", "s2"), ("s1", "f"), ("s2", "f")))
+    testbed = Testbed("shared", devices, links, "s1", "s1")
+    overheads = dataclasses.replace(Overheads.none(), client_ms=client_ms, forward_ms_per_mb=10.0)
+    profiles = dict.fromkeys(devices, profile)
+    return CostModel(testbed, profiles, overheads=overheads, depth=0)
+
+
+def test_shared_host_cores_bound_throughput() -> None:
+    plan = Plan.parse("s1[0:1] -> s2[1:2] -> f[2:3]")
+    model = _shared_host(client_ms=8.0)
+    assert model.testbed.host_cores == (0, 1)
+    # core 1: s1 computes 10 ms at pace 0.4 (4 ms of CPU), s2 20 ms at 0.3 (6 ms), and the
+    # helpers (core 1 has the least allotted: 0.7 of it) take the client's 8 ms plus 10 ms per
+    # MB forwarded: the input from the client (125 kB), 250 kB, 12.5 kB, the output back to s1
+    # and on to the client (1.25 kB twice); core 0: f's 3 ms
+    loads = model.core_loads(plan)
+    forwarded = (125_000 + 250_000 + 12_500 + 2 * 1_250) / 1e6 * 10
+    assert loads == pytest.approx({0: 3.0, 1: 4 + 6 + 8 + forwarded})
+    # s2's own bound is its 20 ms (paced); the shared core is busier
+    assert model.evaluate(plan).throughput_rps == pytest.approx(1000 / (18 + forwarded))
+    # a fixed cost per forwarded message: 5 messages
+    per_message = CostModel(
+        model.testbed,
+        dict.fromkeys(model.devices, model_profile()),
+        overheads=dataclasses.replace(model.overheads, forward_ms=0.5),
+        depth=0,
+    )
+    assert per_message.core_loads(plan)[1] == pytest.approx(loads[1] + 5 * 0.5)
+    # with little client work the devices' own bound is back
+    assert _shared_host(client_ms=1.0).evaluate(plan).throughput_rps == pytest.approx(50.0)
+    # devices that are machines of their own share no cores
+    apart = _shared_host(client_ms=8.0, pinned=False)
+    assert apart.testbed.host_cores is None and apart.core_loads(plan) == {}
+    assert apart.evaluate(plan).throughput_rps == pytest.approx(50.0)
+
+
+def test_shared_host_counts_idle_relays_and_client_copies() -> None:
+    model = _shared_host(client_ms=0.0)
+    model = CostModel(
+        model.testbed,
+        dict.fromkeys(model.devices, synthetic_profile(3, times_ms=[10, 20, 30])),
+        overheads=Overheads(copy_gbps=1.0, request_ms=0.5, client_ms=0.0),
+        depth=0,
+    )
+    # the source s1 runs no stage but relays the input and the output (request_ms each, plus
+    # copies), and the client copies the input out and the output in
+    loads = model.core_loads(Plan.parse("f[0:3]"))
+    copy = model.overheads.copy_ms
+    relay = 2 * 0.5 + copy(model.cut_bytes[0]) + copy(model.cut_bytes[-1])
+    client = copy(model.cut_bytes[0]) + copy(model.cut_bytes[-1])
+    assert loads[1] == pytest.approx(relay + client)
+    f_cpu = 0.1 * 60 + 0.5 + copy(model.cut_bytes[0]) + copy(model.cut_bytes[-1])
+    assert loads[0] == pytest.approx(f_cpu)

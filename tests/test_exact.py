@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from pathlib import Path
 
@@ -62,6 +64,51 @@ def test_exact_equals_brute_force_on_random_instances() -> None:
     # the instances cover memory-infeasible plans and link directions shared by two transfers
     assert infeasible > 100
     assert shared_links > 5
+
+
+def _shared_host(seed: int) -> CostModel:
+    """A random testbed whose devices share the cores of one host (an emulated testbed)."""
+    rng = random.Random(seed)
+    bed = random_testbed(rng, rng.randint(1, 4), switches=rng.choice([0, 0, 1]))
+    cores = rng.randint(1, 3)
+    devices = {}
+    for name, device in bed.devices.items():
+        pinned = tuple(sorted(rng.sample(range(cores), rng.randint(1, cores))))
+        quota = rng.choice([None, 0.3, 0.5, 1.0])
+        devices[name] = dataclasses.replace(
+            device,
+            cores=pinned,
+            cpu_quota=quota,
+            throttle=rng.choice(["quota", "pace"]) if quota else "quota",
+        )
+    bed = dataclasses.replace(bed, devices=devices)
+    overheads = Overheads(
+        request_ms=rng.choice([0.0, 0.5, 2.0]),
+        client_ms=rng.choice([0.0, 1.0, 5.0]),
+        forward_ms=rng.choice([0.0, 0.3]),
+        forward_ms_per_mb=rng.choice([0.0, 3.0, 30.0]),
+    )
+    return random_cost_model(
+        rng, bed, rng.randint(1, 6), overheads=overheads, depth=rng.choice([None, 0, 2])
+    )
+
+
+def test_exact_equals_brute_force_on_a_shared_host() -> None:
+    """Devices pinned to the cores of one host: every core's load is part of the bottleneck."""
+    bound_by_cores = 0
+    for seed in range(80):
+        model = _shared_host(seed)
+        assert model.host_cores
+        plans = list(all_plans(model.devices, model.n_blocks))
+        evaluations = [model.evaluate(p) for p in plans]
+        brute = pareto_front(evaluations)
+        found = ExactEngine().run(model)
+        assert _keys(found.front) == _keys(brute), f"instance {seed}"
+        for evaluation in brute:
+            cores = max(model.core_loads(evaluation.plan).values())
+            bound_by_cores += math.isclose(evaluation.throughput_rps, 1000.0 / cores)
+    # the cores bind on a good share of the front plans
+    assert bound_by_cores > 20
 
 
 def test_every_plan_infeasible_gives_an_empty_front() -> None:

@@ -7,6 +7,7 @@ so each deployment builds in milliseconds; the workers are real local processes.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,12 @@ def test_deploy_run_measure_close(backend: str, workers: LocalWorkers) -> None:
     assert hops[1:3] == [("d0", "d1"), ("d1", "d2")]
     assert all(t["ms"] is not None and t["ms"] >= 0 for t in result.transfers)
     assert result.requests == 4 + max(4, 2 * 3)
+    # CPU per request over the throughput phase (its warm-up request included)
+    assert result.host["requests"] == 1 + max(4, 2 * 3)
+    if backend != "inprocess":
+        assert sorted(result.host["devices_ms"]) == ["d0", "d1", "d2"]
+    assert all(ms >= 0 for ms in result.host["devices_ms"].values())
+    assert len(result.host["cores_ms"]) == os.cpu_count()
     for row in result.rows:  # one clock: every stamp follows the previous one
         stamps = row[3:]
         assert stamps == sorted(stamps), row
@@ -178,3 +185,36 @@ def test_inprocess_backend_takes_any_stage_builder() -> None:
         result = measure(deployment, [(x,)], [(x,)], requests=3, warmup=1, depth=2)
     assert result.outputs_match
     assert len(result.rows) == 3 + 4
+
+
+class _Burn(nn.Module):
+    """Spins for ``ms`` of this thread's CPU time, then returns its input."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ns = int(ms * 1e6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        end = time.thread_time_ns() + self.ns
+        while time.thread_time_ns() < end:
+            pass
+        return x
+
+
+def test_cpu_per_request_of_cores_and_watched_processes() -> None:
+    backend = backend_class("inprocess")(builder=lambda spec, start, end: _Burn(10.0))
+    x = torch.arange(6.0).reshape(2, 3)
+    stages = [StagePlacement("a", 0, 1), StagePlacement("b", 1, 2)]
+    with backend.deploy(SPEC, stages) as deployment:
+        result = measure(
+            deployment, [(x,)], [(x,)], requests=20, warmup=1, depth=2,
+            watch={"self": os.getpid(), "gone": 2**22 + 7},
+        )  # fmt: skip
+    host = result.host
+    assert host["requests"] == 21
+    # two stages spin 10 ms each per request in this process; clock ticks are 10 ms
+    assert 15 <= host["watched_ms"]["self"] <= 40
+    assert "gone" not in host["watched_ms"]  # no such process: left out
+    assert 15 <= sum(host["cores_ms"].values()) <= 20 * os.cpu_count()
+    assert host["devices_ms"] == {}  # in process: no worker of their own
+    assert result.to_dict()["host"] == host

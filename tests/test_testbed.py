@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,20 @@ def test_missing_and_unparsable_testbeds(tmp_path: Path) -> None:
     path.write_text("devices: [unclosed")
     with pytest.raises(TestbedError, match="not valid YAML"):
         load_testbed(str(path))
+
+
+def test_host_cores_and_helper_cores() -> None:
+    from optisplit.testbed import core_shares, helper_cores
+
+    local3 = load_testbed("local3", root=ROOT)
+    assert local3.host_cores == (0, 1)
+    devices = list(local3.devices.values())
+    assert core_shares(devices, [0, 1]) == pytest.approx({0: 1.0, 1: 0.7})
+    assert helper_cores(devices, [0, 1]) == (1,)
+    # cores the devices leave alone come first; a full host leaves the helpers anywhere
+    assert helper_cores(devices, [0, 1, 2]) == (2,)
+    full = [dataclasses.replace(d, cpu_quota=1.0) for d in devices]
+    assert helper_cores(full, [0, 1]) is None
+    # one device without cores: the devices are machines of their own
+    loose = dict(local3.devices, fast=dataclasses.replace(local3.devices["fast"], cores=None))
+    assert dataclasses.replace(local3, devices=loose).host_cores is None

@@ -28,10 +28,14 @@ def register(subparsers: Any) -> None:
         "calibrate",
         help="measure a runtime backend's per-message and per-request costs on a testbed",
         description=(
-            "Deploy a small probe model (mobilenet_v3_small) on the testbed, split across the "
-            "source and another device and then whole on that device, and read what the runtime "
-            "costs beyond compute and wire time: per message (message_ms), per hand-off at the "
-            "source and sink (handoff_ms) and per request while requests stream (request_ms). "
+            "Deploy a small probe model (a stack of 3x3 convolutions) on the testbed, split "
+            "across the source and another device and then whole on that device, and read what "
+            "the runtime costs beyond compute and wire time: per message (message_ms), per "
+            "hand-off at the source and sink (handoff_ms) and per request while requests stream "
+            "(request_ms); on a testbed emulated on one host also the CPU time per request of "
+            "the client feeding it (client_ms) and of the delay forwarder per message "
+            "(forward_ms) and per MB (forward_ms_per_mb), which share the host's cores with the "
+            "devices. "
             "The result goes to PROFILES/overheads/TESTBED-BACKEND.json, where 'search', "
             "'evaluate', 'validate', 'sweep' and 'demo' pick it up for that backend. These costs "
             "drift with the host's load: calibrate close to the runs they are for. Needs fast "
@@ -131,9 +135,29 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
         )
         return
     print_table(
-        ["testbed", "backend", "message ms", "handoff ms", "request ms", "measured"],
         [
-            [c.testbed, c.backend, c.message_ms, c.handoff_ms, c.request_ms, c.created]
+            "testbed",
+            "backend",
+            "message ms",
+            "handoff ms",
+            "request ms",
+            "client ms",
+            "forward ms",
+            "forward ms/MB",
+            "measured",
+        ],
+        [
+            [
+                c.testbed,
+                c.backend,
+                c.message_ms,
+                c.handoff_ms,
+                c.request_ms,
+                c.client_ms,
+                c.forward_ms,
+                c.forward_ms_per_mb,
+                c.created,
+            ]
             for c, _ in found
         ],
         title="runtime overheads",

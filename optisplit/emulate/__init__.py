@@ -26,6 +26,7 @@ __all__ = [
     "check_testbed",
     "device_host",
     "down",
+    "forwarder_pid",
     "helper_cores",
     "is_up",
     "up",
@@ -89,6 +90,12 @@ def wrap_command(testbed: Testbed, device: str, argv: list[str]) -> list[str]:
         pace = [] if spec.pace is None else ["env", f"{PACE_ENV}={spec.pace}"]
         return [*pace, *sandbox.pin_prefix(spec.cores), *argv]
     return [*sandbox.command_prefix(state, device), *argv]
+
+
+def forwarder_pid(testbed: Testbed) -> int | None:
+    """The pid of ``testbed``'s delay forwarder while it is emulated, else None."""
+    state = _running(testbed)
+    return None if state is None else state.forwarder_pid
 
 
 def helper_cores(testbed: Testbed) -> tuple[int, ...] | None:

@@ -328,29 +328,16 @@ def usable_cores(cores: tuple[int, ...] | None) -> tuple[int, ...] | None:
 def helper_cores(devices: Iterable[Any]) -> tuple[int, ...] | None:
     """The cores where the emulation's own processes disturb the devices least (None: anywhere).
 
-    ``devices`` have ``cores`` and ``cpu_quota``. A device's quota (all of its cores when it has
-    none) is spread evenly over its cores; the helpers (delay forwarder, the client that sends
-    requests and checks outputs) go to the usable cores with the smallest share allotted, when
-    that share leaves room (under one core). Left to the scheduler they also ran on a fast
-    device's core: its stages ran 1.7 ms per request (13 %) longer than their CPU time in a
-    mobilenet_v2 pipeline on ``local3`` (0.5 ms with the helpers on the slow devices' core),
-    and its throughput fell from 86 to 74 requests/s.
+    :func:`optisplit.testbed.helper_cores` over the cores this process may use: the helpers
+    (delay forwarder, the client that sends requests and checks outputs) go to the usable
+    cores with the smallest share allotted, when that share leaves room. Left to the scheduler
+    they also ran on a fast device's core: its stages ran 1.7 ms per request (13 %) longer than
+    their CPU time in a mobilenet_v2 pipeline on ``local3`` (0.5 ms with the helpers on the
+    slow devices' core), and its throughput fell from 86 to 74 requests/s.
     """
-    allowed = sorted(os.sched_getaffinity(0))
-    load = dict.fromkeys(allowed, 0.0)
-    pinned = False
-    for device in devices:
-        cores = [c for c in (device.cores or ()) if c in load]
-        if not cores:
-            continue
-        pinned = True
-        share = len(cores) if device.cpu_quota is None else min(device.cpu_quota, len(cores))
-        for core in cores:
-            load[core] += share / len(cores)
-    least = min(load.values(), default=1.0)
-    if not pinned or least >= 1.0:
-        return None
-    return tuple(c for c in allowed if load[c] == least)
+    from optisplit.testbed import helper_cores as pick
+
+    return pick(devices, os.sched_getaffinity(0))
 
 
 @contextlib.contextmanager

@@ -14,12 +14,20 @@ Definitions (DESIGN §5):
 - **per-stage compute** is the median of ``compute end - compute start`` on the stage's own clock
   (latency phase); **hop times** are ``receive(i+1) - send(i)`` and need one clock, so they are
   reported only when every stage runs on the orchestrator's host (``Deployment.same_clock``).
+- **CPU per request** (``host``) over the throughput phase, its warm-up included, divided by the
+  requests it completed: ``devices_ms`` per device (its worker's process CPU time, stages and
+  relays; empty in process), ``watched_ms`` per named process (``watch``: e.g. the delay forwarder), and
+  ``cores_ms`` per core of this host (``/proc/stat``: everything that ran there, the client and
+  any other process included; empty where there is no ``/proc/stat``). Clock ticks are 10 ms,
+  so these need a phase of a few hundred requests or a few seconds to read well.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +65,8 @@ class Measurement:
     """Timestamp rows (see :func:`stamp_columns`), every round's in order."""
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Each round's ``latency_ms`` and ``throughput_rps`` (empty for a single measurement)."""
+    host: dict[str, Any] = field(default_factory=dict)
+    """CPU per request over the throughput phase (see the module docstring)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -67,6 +77,7 @@ class Measurement:
             "requests": self.requests,
             "stages": self.stages,
             "transfers": self.transfers,
+            "host": self.host,
         }
         if self.rounds:
             out["rounds"] = self.rounds
@@ -128,6 +139,7 @@ def measure(
     on_request: OnRequest | None = None,
     round_: int = 1,
     window_s: float = 0.0,
+    watch: Mapping[str, int] | None = None,
 ) -> Measurement:
     """Run the latency phase then the throughput phase on ``deployment``.
 
@@ -138,6 +150,7 @@ def measure(
         source, sink: device names for the first and last hop in ``transfers``.
         round_: the round number written in the timestamp rows.
         window_s: the throughput phase's steady window lasts at least this many seconds.
+        watch: processes (name -> pid) whose CPU time per request to report in ``host``.
 
     Raises:
         RuntimeFailure: a stage failed or a reply did not come within ``timeout_s``.
@@ -154,6 +167,8 @@ def measure(
     )
     stats = deployment.stats()
     tput_requests = max(requests, 2 * depth)
+    deployment.reset_stats()
+    before = _cpu_snapshot(watch or {})
     tput_rows, rps = _throughput_phase(
         deployment,
         inputs,
@@ -166,6 +181,8 @@ def measure(
         round_,
         window_s,
     )
+    after = _cpu_snapshot(watch or {})
+    host = _host_load(deployment, before, after, warmup + len(tput_rows))
     latencies = _latencies_ms(lat_rows)
     return Measurement(
         latency_ms=statistics.median(latencies),
@@ -179,7 +196,69 @@ def measure(
         transfers=_transfer_summary(deployment, lat_rows, source, sink),
         devices=[s.device for s in deployment.stages],
         rows=lat_rows + tput_rows,
+        host=host,
     )
+
+
+def _cpu_snapshot(watch: Mapping[str, int]) -> dict[str, Any]:
+    """Busy clock ticks per core (``/proc/stat``), CPU seconds of watched processes, the time."""
+    import psutil
+
+    cores: dict[str, int] = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name != "cpu":
+                    ticks = [int(x) for x in fields[:8]]
+                    cores[name[3:]] = sum(ticks) - ticks[3] - ticks[4]  # less idle, iowait
+    except (OSError, ValueError, IndexError):
+        cores = {}
+    watched: dict[str, float] = {}
+    for name, pid in watch.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:  # gone: it is not reported
+            continue
+        watched[name] = float(times.user + times.system)
+    return {"cores": cores, "watched": watched, "wall": time.perf_counter()}
+
+
+def _host_load(
+    deployment: Deployment, before: dict[str, Any], after: dict[str, Any], done: int
+) -> dict[str, Any]:
+    """CPU per request between two snapshots (and the workers' stats since their reset)."""
+    if done <= 0:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    wall = after["wall"] - before["wall"]
+    devices: dict[str, float] = {}
+    try:
+        stats = deployment.stats()
+    except RuntimeFailure:  # a stage that cannot answer leaves the figures out
+        stats = []
+    seen: set[Any] = set()
+    for stage, stat in zip(deployment.stages, stats):
+        worker = stage.address
+        if worker is None or worker in seen:  # in process (no worker of its own), or a
+            continue  # worker already counted: one runs all of a device's stages and relays
+        seen.add(worker)
+        ms = stat.cpu_percent / 100.0 * wall * 1e3 / done
+        devices[stage.device] = devices.get(stage.device, 0.0) + ms
+    return {
+        "requests": done,
+        "devices_ms": devices,
+        "watched_ms": {
+            name: (after["watched"][name] - t0) * 1e3 / done
+            for name, t0 in before["watched"].items()
+            if name in after["watched"]
+        },
+        "cores_ms": {
+            core: (after["cores"][core] - t0) / hz * 1e3 / done
+            for core, t0 in before["cores"].items()
+            if core in after["cores"]
+        },
+    }
 
 
 def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
@@ -205,6 +284,7 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
         ms = [p.transfers[j]["ms"] for p in parts if p.transfers[j]["ms"] is not None]
         transfers.append({**hop, "ms": statistics.median(ms) if ms else None})
     return Measurement(
+        host=_merge_host([p.host for p in parts]),
         latency_ms=statistics.median(latencies),
         latency_p95_ms=_quantile(latencies, 0.95),
         throughput_rps=statistics.median(p.throughput_rps for p in parts),
@@ -218,6 +298,20 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
         rows=[row for p in parts for row in p.rows],
         rounds=[{"latency_ms": p.latency_ms, "throughput_rps": p.throughput_rps} for p in parts],
     )
+
+
+def _merge_host(hosts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds' ``host`` figures as one: the median of each figure over the rounds that have it."""
+    hosts = [h for h in hosts if h]
+    if not hosts:
+        return {}
+    merged: dict[str, Any] = {"requests": sum(h["requests"] for h in hosts)}
+    for key in ("devices_ms", "watched_ms", "cores_ms"):
+        names = dict.fromkeys(n for h in hosts for n in h.get(key, {}))
+        merged[key] = {
+            n: statistics.median(h[key][n] for h in hosts if n in h.get(key, {})) for n in names
+        }
+    return merged
 
 
 def _latencies_ms(rows: Iterable[list[Any]]) -> list[float]:

@@ -28,6 +28,9 @@ since both byte counts are known when the source's stage is placed, it is settle
 likewise the sink's downlink. Any other link direction that two transfers of one plan may share
 (a trunk between switches, a device forwarding traffic) is *open*: its running sum is part of
 the label and compared component-wise, so the bottleneck stays the exact sum over the transfers.
+On a single-host testbed every core of the host is open too (``CostModel.core_loads``): each
+stage adds its device's CPU time to the device's cores, each transfer its forwarding cost to the
+helper cores, and the label carries the running sums.
 
 Bounding (branch and bound on top of the DP). Device sets are visited by size, so short plans
 complete first. A label is dropped when a complete plan already found has a latency no higher
@@ -128,7 +131,10 @@ class _Solver:
         self.t = self.devices.index(model.testbed.sink)
         self.cb = np.array(model.cut_bytes, dtype=_F)
         self.hops = self._classify()
-        self.m = sum(1 for h in self.hops.values() if h.kind == "open")
+        self.m_links = sum(1 for h in self.hops.values() if h.kind == "open")
+        self.cores = model.host_cores
+        self.m = self.m_links + len(self.cores)
+        self._core_tables()
         self.prefix = [np.array(model.compute_prefix(d), dtype=_F) for d in self.devices]
         self.memory = self._memory_matrix()
         self.stage = [self._stage_matrix(i) for i in range(self.n)]
@@ -241,6 +247,31 @@ class _Solver:
             memory[a, a + 1 :] = [self.model.memory(a, b) for b in range(a + 1, B + 1)]
         return memory
 
+    def _core_tables(self) -> None:
+        """Per device, its share of each host core (``share``), its stages' CPU time
+        (``cpu[d][a, b]``), and the load every plan puts on the cores (``base``: the client)."""
+        model, B, k = self.model, self.B, len(self.cores)
+        self.share = np.zeros((self.n, k))
+        self.helper = np.zeros(k)
+        self.cpu: list[np.ndarray] = []
+        self.base = np.zeros(k)
+        if not k:
+            return
+        index = {c: i for i, c in enumerate(self.cores)}
+        for d, name in enumerate(self.devices):
+            for core, ms in model.core_load(name, 1.0).items():
+                self.share[d, index[core]] = ms
+            cpu = np.zeros((B + 1, B + 1))
+            for a in range(B):
+                cpu[a, a + 1 :] = [
+                    model.stage_cpu(name, a, e, first=a == 0, last=e == B)
+                    for e in range(a + 1, B + 1)
+                ]
+            self.cpu.append(cpu)
+        for core, ms in model.helper_load(1.0).items():
+            self.helper[index[core]] = ms
+        self.base = model.client_cpu_ms() * self.helper
+
     def _transfer_tables(self) -> None:
         """Per (sender, receiver, cut): time, settled link load, open link loads."""
         n, B, m = self.n, self.B, self.m
@@ -261,6 +292,10 @@ class _Solver:
                 self.t_settled[u, v, c] = max(self.t_settled[u, v, c], ms)
             elif kind.kind == "open":
                 self.t_open[u, v, c, kind.slot] += ms
+        if self.cores:
+            self.t_open[u, v, c, self.m_links :] += (
+                self.model.forward_ms(nbytes, src, dst) * self.helper
+            )
 
     def _rest_tables(self) -> list[np.ndarray]:
         """``R[d][c]``: a lower bound of the latency still to come after a stage on ``d`` ends
@@ -362,6 +397,7 @@ class _Solver:
         if prev == 0:
             root = np.zeros((1, 4 + self.m))
             root[0, 3] = -1
+            root[0, 4 + self.m_links :] = self.base
             start = self._hand_over(root, self.s, d, first=True)
             start[:, 1] += 2 * self.model.overheads.handoff_ms  # as CostModel.evaluate adds it
             return start
@@ -389,7 +425,7 @@ class _Solver:
         After a stage on ``d``, transfers go from ``d`` or an unused device to an unused device
         or the sink; an open link no such pair is routed through is settled from then on.
         """
-        if self.m == 0:
+        if self.m_links == 0:
             return rows
         rest = [v for v in range(self.n) if not mask >> v & 1]
         senders, receivers = {d, *rest}, {*rest, self.t}
@@ -413,7 +449,7 @@ class _Solver:
         one ordering of the rows by ``L - P[c]`` is the latency order of every column.
         """
         prefix = self.prefix[d]
-        still_open = self.m > 0 and bool(np.any(rows[:, 4:] > 0))
+        still_open = bool(self.cores) or (self.m > 0 and bool(np.any(rows[:, 4:] > 0)))
         if not still_open:
             rows = rows[_same_cut_front(rows)]
         start = rows[:, 0].astype(np.intp)
@@ -429,6 +465,8 @@ class _Solver:
         new[:, 2] = settled
         new[:, 3] = store.add(rows[src, 3], d, c[src], end)
         new[:, 4:] = rows[src, 4:]
+        if self.cores:
+            new[:, 4 + self.m_links :] += self.cpu[d][c[src], end][:, None] * self.share[d]
         return new
 
     def _bands(self, c: np.ndarray) -> list[tuple[int, int]]:
@@ -444,7 +482,11 @@ class _Solver:
         use = np.nonzero(c < hi - 1)[0]
         settled = np.maximum(rows[use, 2:3], self.stage[d][c[use], lo:hi])
         if still_open:
-            src, col = _filter_nd(settled, rows[use, 4:])
+            loads = np.repeat(rows[use, None, 4:], hi - lo, axis=1)
+            if self.cores:  # the stage's CPU time on its device's cores, per end cut
+                cpu = self.cpu[d][c[use], lo:hi]
+                loads[:, :, self.m_links :] += cpu[:, :, None] * self.share[d]
+            src, col = _filter_nd(settled, loads)
         else:
             src, col = _filter_2d(settled)
         return use[src], col + lo, settled[src, col]
@@ -457,6 +499,11 @@ class _Solver:
         bottleneck = settled
         if self.m:
             opened = rows[:, 4:] + self.t_open[d, self.t, B]
+            if self.cores:  # the source and sink relay even when they run no stage
+                for idle in {self.s, self.t}:
+                    if not mask >> idle & 1:
+                        relay = self.model.idle_busy(self.devices[idle])
+                        opened[:, self.m_links :] += relay * self.share[idle]
             bottleneck = np.maximum(settled, opened.max(axis=1))
         k = bin(mask).count("1")
         rate = self.model.throughput_rps
@@ -555,7 +602,8 @@ def _filter_2d(settled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column, rows (in latency order) not dominated in settled busy and open link loads.
+    """Per column, rows (in latency order) not dominated in settled busy and open loads
+    (``opened[row, column]``: the row's open loads at that end cut).
 
     The first surviving row of a column is never dominated (dominance is transitive), so it
     is kept and every row it dominates is dropped; one round per kept label, all columns at
@@ -565,7 +613,7 @@ def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.
     cols = np.nonzero(alive.any(axis=0))[0]
     rows = np.nonzero(alive.any(axis=1))[0]
     alive = alive[np.ix_(rows, cols)]
-    busy, loads = settled[np.ix_(rows, cols)], opened[rows]
+    busy, loads = settled[np.ix_(rows, cols)], opened[np.ix_(rows, cols)]
     srcs, ends = [], []
     while cols.shape[0]:
         first = np.argmax(alive, axis=0)
@@ -573,10 +621,10 @@ def _filter_nd(settled: np.ndarray, opened: np.ndarray) -> tuple[np.ndarray, np.
         ends.append(cols)
         span = np.arange(cols.shape[0])
         worse = busy >= busy[first, span][None, :]
-        worse &= np.all(loads[:, None, :] >= loads[first][None, :, :], axis=2)
+        worse &= np.all(loads >= loads[first, span][None, :, :], axis=2)
         alive &= ~worse
         live = alive.any(axis=0)
-        cols, alive, busy = cols[live], alive[:, live], busy[:, live]
+        cols, alive, busy, loads = cols[live], alive[:, live], busy[:, live], loads[:, live]
     if not srcs:
         return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.intp)
     return np.concatenate(srcs).astype(np.intp), np.concatenate(ends).astype(np.intp)
