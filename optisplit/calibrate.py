@@ -95,6 +95,7 @@ class Calibration:
     client_ms: float = 0.0
     forward_ms: float = 0.0
     forward_ms_per_mb: float = 0.0
+    request_cpu_ms: float | None = None
     probe: str = PROBE_FACTORY
     measured: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The probe's raw figures: ``period_ms``, ``compute_ms``, ``hops`` (ms) and the plans."""
@@ -113,6 +114,7 @@ class Calibration:
             client_ms=self.client_ms,
             forward_ms=self.forward_ms,
             forward_ms_per_mb=self.forward_ms_per_mb,
+            request_cpu_ms=self.request_cpu_ms,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +179,8 @@ def load_calibration(
     try:
         values = {k: float(doc[k]) for k in _TERMS}
         values.update({k: float(doc.get(k, 0.0)) for k in _HOST_TERMS})
+        if doc.get("request_cpu_ms") is not None:
+            values["request_cpu_ms"] = float(doc["request_cpu_ms"])
     except (KeyError, TypeError, ValueError):
         raise ProfileError(f"{path}: calibration lacks numbers for {', '.join(_TERMS)}") from None
     if not all(0.0 <= v < float("inf") for v in values.values()):
@@ -304,6 +308,7 @@ def calibrate_overheads(
     ]
     message = statistics.median(residuals) if residuals else base.message_ms
     forward = helpers.forward_terms()
+    request_cpu = helpers.request_cpu_ms()
     handoffs = [h[0]["ms"] for h in hops] + [h[-1]["ms"] for h in hops]
     return Calibration(
         testbed=testbed.name,
@@ -314,6 +319,7 @@ def calibrate_overheads(
         client_ms=round(helpers.client_ms(), 4),
         forward_ms=round(forward[0], 4),
         forward_ms_per_mb=round(forward[1], 4),
+        request_cpu_ms=None if request_cpu is None else round(request_cpu, 4),
         measured={
             "plans": [split, alone] if other != testbed.source else [alone],
             "period_ms": periods,
@@ -321,6 +327,7 @@ def calibrate_overheads(
             "request_ms": requests_ms,
             "hops": [[{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in hops],
             "client_ms": helpers.clients,
+            "request_cpu_ms": helpers.requests,
             "forwarder_ms": [
                 {"messages": m, "mb": mb, "ms": v} for (m, mb), v in helpers.forwards.items()
             ],
@@ -346,6 +353,7 @@ class _Helpers:
         host = testbed.host_cores
         self.cores = () if host is None else emulate.helper_cores(testbed) or host
         self.clients: list[float] = []
+        self.requests: list[float] = []
         self.forwards: dict[tuple[int, float], list[float]] = {}
         """(messages, MB) the forwarder passes per request -> its CPU ms per request."""
 
@@ -353,6 +361,7 @@ class _Helpers:
         from optisplit.plan import Plan
 
         load = measured.get("host") or {}
+        self._runtime(Plan.parse(plan_text), measured, load.get("devices_ms") or {})
         cores_ms = load.get("cores_ms") or {}
         if not self.cores or not all(str(c) in cores_ms for c in self.cores):
             return  # not one host, or no per-core figures here
@@ -377,8 +386,32 @@ class _Helpers:
         key = (len(sizes), sum(sizes) / 1e6)
         self.forwards.setdefault(key, []).append(forwarder)
 
+    def _runtime(self, plan: Any, measured: dict[str, Any], devices_ms: dict[str, float]) -> None:
+        """The runtime's CPU time per stage or relay on the source of a split plan: its
+        worker's CPU time less the first stage's compute (its time at the device's share of a
+        core: a paced device's pacer makes its compute's wall time its CPU time over the pace)
+        and the copies; the source runs the stage and, as the sink, relays the output."""
+        from optisplit.cost import CostModel
+
+        source = self.testbed.source
+        first = plan.stages[0]
+        if len(plan.stages) < 2 or first.device != source or source not in devices_ms:
+            return
+        compute = next((s["compute_ms"] for s in measured.get("stages", [])), None)
+        if compute is None:
+            return
+        device = self.testbed.devices[source]
+        share = CostModel.share_of(device)
+        roles, copies = 1, self.copy_ms(self.cut_bytes[first.end])
+        if self.testbed.sink == source:
+            roles, copies = 2, copies + self.copy_ms(self.cut_bytes[-1])
+        self.requests.append(max(devices_ms[source] - compute * share - copies, 0.0) / roles)
+
     def client_ms(self) -> float:
         return statistics.median(self.clients) if self.clients else 0.0
+
+    def request_cpu_ms(self) -> float | None:
+        return statistics.median(self.requests) if self.requests else None
 
     def forward_terms(self) -> tuple[float, float]:
         """(ms per message, ms per MB) of the forwarder: least squares over the plans' medians

@@ -41,8 +41,8 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   pinned to ``cores`` of one machine (``Testbed.host_cores``: an emulated testbed): the CPU
   time per request of all the work pinned to it. A device's CPU per request is its compute
   times its share of a core (``pace`` on a paced device, ``min(cpu_quota, 1)`` on a
-  quota-limited one, 1 otherwise), plus its copies and ``request_ms`` as above; it is spread
-  evenly over the device's cores. The emulation's own processes run on the testbed's helper
+  quota-limited one, 1 otherwise), plus its copies and ``request_cpu_ms`` for each stage or
+  relay (its runtime's CPU time); it is spread evenly over the device's cores. The emulation's own processes run on the testbed's helper
   cores (``testbed.helper_cores``: the least-allotted ones; every core when all are full),
   spread evenly over them: ``client_ms`` per request plus ``copy`` of the input and the output
   (the client that sends inputs and takes outputs), and ``forward_ms`` plus
@@ -79,7 +79,7 @@ from typing import Any
 from optisplit.errors import ProfileError
 from optisplit.plan import Plan
 from optisplit.profile import BlockProfile, load_profile, profile_path
-from optisplit.testbed import Testbed, helper_cores
+from optisplit.testbed import Device, Testbed, helper_cores
 
 __all__ = [
     "CostModel",
@@ -114,6 +114,11 @@ class Overheads:
             ``optisplit calibrate`` measures it per runtime backend with a probe: 0-0.16 ms on
             the socket backend and 0.70-0.88 ms over RPC on the emulated testbeds here.
 
+        request_cpu_ms: CPU time per request a device's runtime spends on each stage it runs or
+            relays, beyond compute and copies, for the shared host's cores (``None``: as
+            ``request_ms``). It differs from ``request_ms``, a share of a period: a paced
+            device's runtime threads work during its rests, where they cost its core's time
+            but not the device's. ``optisplit calibrate`` reads it from the workers' CPU time.
         client_ms: CPU time per request of the client that feeds the pipeline (sends inputs,
             takes and checks outputs) on a shared host's helper cores; only single-host
             (emulated) testbeds count it. ``0`` by default; ``optisplit calibrate`` measures it.
@@ -137,6 +142,12 @@ class Overheads:
     client_ms: float = 0.0
     forward_ms: float = 0.0
     forward_ms_per_mb: float = 0.0
+    request_cpu_ms: float | None = None
+
+    @property
+    def cpu_per_request_ms(self) -> float:
+        """``request_cpu_ms``, or ``request_ms`` where it is not set."""
+        return self.request_ms if self.request_cpu_ms is None else self.request_cpu_ms
 
     def copy_ms(self, nbytes: int) -> float:
         """Serialisation time of ``nbytes`` on one side of a transfer."""
@@ -402,7 +413,11 @@ class CostModel:
     def cpu_share(self, device: str) -> float:
         """The share of a core a device's compute keeps busy: ``pace`` when paced,
         ``min(cpu_quota, 1)`` under a quota, 1 otherwise."""
-        dev = self.testbed.devices[device]
+        return self.share_of(self.testbed.devices[device])
+
+    @staticmethod
+    def share_of(dev: Device) -> float:
+        """:meth:`cpu_share` of a device."""
         if dev.pace is not None:
             return dev.pace
         if dev.cpu_quota is not None and dev.cpu_quota > 0:
@@ -411,9 +426,16 @@ class CostModel:
 
     def stage_cpu(self, device: str, start: int, end: int, *, first: bool, last: bool) -> float:
         """CPU time per request of a stage's device: its compute at :meth:`cpu_share`, plus the
-        copies and ``request_ms`` of :meth:`stage_busy`."""
-        compute, extra = self._stage_parts(device, start, end, first=first, last=last)
+        copies of :meth:`stage_busy` and ``request_cpu_ms`` for each stage or relay."""
+        request = self.overheads.cpu_per_request_ms
+        compute, extra = self._stage_parts(
+            device, start, end, first=first, last=last, request=request
+        )
         return compute * self.cpu_share(device) + extra
+
+    def idle_cpu(self, device: str) -> float:
+        """CPU time of the source or sink when it runs no stage (relaying input/output)."""
+        return self.idle_busy(device, request=self.overheads.cpu_per_request_ms)
 
     def core_load(self, device: str, cpu_ms: float) -> dict[int, float]:
         """``cpu_ms`` of work on ``device`` spread over its cores of the shared host."""
@@ -461,38 +483,49 @@ class CostModel:
             cpu = self.stage_cpu(s.device, s.start, s.end, first=i == 0, last=i == len(stages) - 1)
             add(self.core_load(s.device, cpu))
         for d in {self.testbed.source, self.testbed.sink} - set(plan.devices):
-            add(self.core_load(d, self.idle_busy(d)))
+            add(self.core_load(d, self.idle_cpu(d)))
         helpers = self.client_cpu_ms()
         helpers += sum(self.forward_ms(n, src, dst) for src, dst, n in self.transfers_of(plan))
         add(self.helper_load(helpers))
         return loads
 
     def _stage_parts(
-        self, device: str, start: int, end: int, *, first: bool, last: bool
+        self,
+        device: str,
+        start: int,
+        end: int,
+        *,
+        first: bool,
+        last: bool,
+        request: float | None = None,
     ) -> tuple[float, float]:
-        """(compute, copies + ``request_ms``) of a stage, as :meth:`stage_busy` counts them."""
+        """(compute, copies + ``request`` per stage or relay) of a stage, as :meth:`stage_busy`
+        counts them (``request`` defaults to ``request_ms``)."""
         copy = self.overheads.copy_ms
+        request = self.overheads.request_ms if request is None else request
         source, sink = self.testbed.source, self.testbed.sink
         compute = self.compute_ms(device, start, end)
-        extra = self.overheads.request_ms
+        extra = request
         if not (first and device == source):
             extra += copy(self.cut_bytes[start])
         if not (last and device == sink):
             extra += copy(self.cut_bytes[end])
         if device == source and not first:  # it also relays the input to the first stage
-            extra += copy(self.cut_bytes[0]) + self.overheads.request_ms
+            extra += copy(self.cut_bytes[0]) + request
         if device == sink and not last:  # and the output from the last one
-            extra += copy(self.cut_bytes[self.n_blocks]) + self.overheads.request_ms
+            extra += copy(self.cut_bytes[self.n_blocks]) + request
         return compute, extra
 
-    def idle_busy(self, device: str) -> float:
-        """Busy time of the source or sink when it runs no stage (relaying input/output)."""
+    def idle_busy(self, device: str, *, request: float | None = None) -> float:
+        """Busy time of the source or sink when it runs no stage (relaying input/output), with
+        ``request`` (default ``request_ms``) per relay."""
         copy = self.overheads.copy_ms
+        request = self.overheads.request_ms if request is None else request
         busy = 0.0
         if device == self.testbed.source:
-            busy += copy(self.cut_bytes[0]) + self.overheads.request_ms
+            busy += copy(self.cut_bytes[0]) + request
         if device == self.testbed.sink:
-            busy += copy(self.cut_bytes[self.n_blocks]) + self.overheads.request_ms
+            busy += copy(self.cut_bytes[self.n_blocks]) + request
         return busy
 
     def throughput_rps(self, latency_ms: float, bottleneck_ms: float, n_stages: int) -> float:

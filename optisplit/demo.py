@@ -74,7 +74,7 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     overheads: dict[str, float] = field(default_factory=dict)
     """The runtime terms the predictions used (``message_ms``, ``handoff_ms``, ``request_ms``,
-    ``client_ms``, ``forward_ms``, ``forward_ms_per_mb``)."""
+    ``request_cpu_ms``, ``client_ms``, ``forward_ms``, ``forward_ms_per_mb``)."""
     calibrated: bool = False
     """Whether ``overheads`` were calibrated on the testbed (else the defaults)."""
 
@@ -270,6 +270,7 @@ def _run_steps(
             "message_ms": overheads.message_ms,
             "handoff_ms": overheads.handoff_ms,
             "request_ms": overheads.request_ms,
+            "request_cpu_ms": overheads.cpu_per_request_ms,
             "client_ms": overheads.client_ms,
             "forward_ms": overheads.forward_ms,
             "forward_ms_per_mb": overheads.forward_ms_per_mb,

@@ -227,9 +227,19 @@ def test_client_and_forwarder_costs_from_the_host_figures() -> None:
         helpers.add(alone, figures({"slow1": 0.4, "fast": 6.5}, 0.2 + 2 * alone_mb, client))
     assert helpers.client_ms() == pytest.approx(0.6)  # median of 0.5, 0.5, 0.7, 0.7
     assert helpers.forward_terms() == pytest.approx((0.05, 2.0))
+    assert helpers.request_cpu_ms() is None  # the measurements had no stage compute
+
+    # the runtime's CPU on the source: its worker's CPU less its stage's compute (wall time at
+    # pace 0.4) and copies, over the stage and the output relay
+    copy = Overheads().copy_ms
+    measured = figures({"slow1": 4.0, "fast": 3.0}, 0.2, 0.5)
+    measured["stages"] = [{"device": "slow1", "compute_ms": 7.5}, {"device": "fast"}]
+    helpers.add(split, measured)
+    expected = (4.0 - 7.5 * 0.4 - copy(cut) - copy(out)) / 2
+    assert helpers.request_cpu_ms() == pytest.approx(expected)
     # a measurement without per-core figures, and a testbed of separate machines, add nothing
     helpers.add(split, {"host": {}})
-    assert len(helpers.clients) == 4
+    assert len(helpers.clients) == 5
     pair = _Helpers(two_device_testbed(rtt_ms=0.2, mbps=1000.0), chain)
     pair.add("a[0:35]", figures({}, 0.1, 0.7))
     assert pair.cores == () and pair.client_ms() == 0.0 and pair.forward_terms() == (0.0, 0.0)

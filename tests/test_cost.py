@@ -329,3 +329,23 @@ def test_shared_host_counts_idle_relays_and_client_copies() -> None:
     assert loads[1] == pytest.approx(relay + client)
     f_cpu = 0.1 * 60 + 0.5 + copy(model.cut_bytes[0]) + copy(model.cut_bytes[-1])
     assert loads[0] == pytest.approx(f_cpu)
+
+
+def test_runtime_cpu_per_request_on_shared_cores() -> None:
+    """``request_cpu_ms`` is what each stage or relay costs a core; ``request_ms`` the device."""
+    base = _shared_host(client_ms=0.0)
+    plan = Plan.parse("f[0:3]")  # s1 relays the input and the output
+    overheads = Overheads(copy_gbps=0.0, request_ms=0.5, request_cpu_ms=2.0)
+    model = CostModel(
+        base.testbed, dict.fromkeys(base.devices, model_profile()), overheads=overheads, depth=0
+    )
+    assert model.core_loads(plan) == pytest.approx({0: 0.1 * 60 + 2.0, 1: 2 * 2.0})
+    assert model.stage_busy("f", 0, 3, first=True, last=True) == pytest.approx(6.5)
+    # without request_cpu_ms the cores take request_ms
+    plain = CostModel(
+        base.testbed,
+        dict.fromkeys(base.devices, model_profile()),
+        overheads=dataclasses.replace(overheads, request_cpu_ms=None),
+        depth=0,
+    )
+    assert plain.core_loads(plan) == pytest.approx({0: 6.5, 1: 1.0})

@@ -92,7 +92,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert doc["latency_mape"] is not None and doc["throughput_mape"] is not None
     assert doc["repeatability"]["rounds"] == 2  # the demo measures in 2 rounds
     # the runtime was calibrated on the testbed, and the study predicted with that calibration
-    terms = {"message_ms", "handoff_ms", "request_ms", "client_ms", "forward_ms"}
+    terms = {"message_ms", "handoff_ms", "request_ms", "request_cpu_ms", "client_ms", "forward_ms"}
     assert set(doc["overheads"]) == {*terms, "forward_ms_per_mb"}
     stored = json.loads((tmp_path / "profiles" / "overheads" / "demotest-socket.json").read_text())
     assert all(stored[k] == doc["overheads"][k] for k in (*terms, "forward_ms_per_mb"))

@@ -84,6 +84,7 @@ def _shared_host(seed: int) -> CostModel:
     bed = dataclasses.replace(bed, devices=devices)
     overheads = Overheads(
         request_ms=rng.choice([0.0, 0.5, 2.0]),
+        request_cpu_ms=rng.choice([None, 0.0, 1.5]),
         client_ms=rng.choice([0.0, 1.0, 5.0]),
         forward_ms=rng.choice([0.0, 0.3]),
         forward_ms_per_mb=rng.choice([0.0, 3.0, 30.0]),

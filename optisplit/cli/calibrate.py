@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
             "the runtime costs beyond compute and wire time: per message (message_ms), per "
             "hand-off at the source and sink (handoff_ms) and per request while requests stream "
             "(request_ms); on a testbed emulated on one host also the CPU time per request of "
-            "the client feeding it (client_ms) and of the delay forwarder per message "
+            "the runtime on a device per stage (request_cpu_ms), of the client feeding it "
+            "(client_ms) and of the delay forwarder per message "
             "(forward_ms) and per MB (forward_ms_per_mb), which share the host's cores with the "
             "devices. "
             "The result goes to PROFILES/overheads/TESTBED-BACKEND.json, where 'search', "
@@ -141,6 +142,7 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
             "message ms",
             "handoff ms",
             "request ms",
+            "request cpu ms",
             "client ms",
             "forward ms",
             "forward ms/MB",
@@ -153,6 +155,7 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
                 c.message_ms,
                 c.handoff_ms,
                 c.request_ms,
+                "-" if c.request_cpu_ms is None else c.request_cpu_ms,
                 c.client_ms,
                 c.forward_ms,
                 c.forward_ms_per_mb,

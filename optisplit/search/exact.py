@@ -502,7 +502,7 @@ class _Solver:
             if self.cores:  # the source and sink relay even when they run no stage
                 for idle in {self.s, self.t}:
                     if not mask >> idle & 1:
-                        relay = self.model.idle_busy(self.devices[idle])
+                        relay = self.model.idle_cpu(self.devices[idle])
                         opened[:, self.m_links :] += relay * self.share[idle]
             bottleneck = np.maximum(settled, opened.max(axis=1))
         k = bin(mask).count("1")
