@@ -214,6 +214,9 @@ class Evaluation:
     feasible: bool
     stages: tuple[StageCost, ...]
     transfers: tuple[Transfer, ...]
+    bound: str = ""
+    """What sets the throughput: ``device NAME``, ``link U->V``, ``core N`` (a shared host's
+    core) or ``in flight`` (the latency over the requests in flight)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,6 +228,7 @@ class Evaluation:
             "feasible": self.feasible,
             "stages": [s.to_dict() for s in self.stages],
             "transfers": [t.to_dict() for t in self.transfers],
+            "bound": self.bound,
         }
 
 
@@ -568,9 +572,12 @@ class CostModel:
             costs.append(StageCost(stage.device, stage.start, stage.end, compute))
             nxt = stages[i + 1].device if i + 1 < k else self.testbed.sink
             latency += self.transfer_ms(self.cut_bytes[stage.end], stage.device, nxt)
-        bottleneck = self._bottleneck(plan)
+        bottleneck, bound = self._bottleneck(plan)
         memory = {s.device: self.memory(s.start, s.end) for s in stages}
         throughput = self.throughput_rps(latency, bottleneck, k)
+        depth = 2 * k if self.depth is None else self.depth
+        if depth > 0 and latency / depth > bottleneck:
+            bound = "in flight"
         return Evaluation(
             plan=plan,
             latency_ms=latency,
@@ -583,22 +590,33 @@ class CostModel:
                 Transfer(src, dst, n, self.transfer_ms(n, src, dst))
                 for src, dst, n in self.transfers_of(plan)
             ),
+            bound=bound,
         )
 
-    def _bottleneck(self, plan: Plan) -> float:
-        """The largest busy time per request over devices, link directions and shared cores."""
+    def _bottleneck(self, plan: Plan) -> tuple[float, str]:
+        """The largest busy time per request over devices, link directions and shared cores,
+        and which it is (the first of equals in that order)."""
         stages = plan.stages
         busy = [
-            self.stage_busy(s.device, s.start, s.end, first=i == 0, last=i == len(stages) - 1)
+            (
+                self.stage_busy(s.device, s.start, s.end, first=i == 0, last=i == len(stages) - 1),
+                f"device {s.device}",
+            )
             for i, s in enumerate(stages)
         ]
-        used = set(plan.devices)
-        busy += [self.idle_busy(d) for d in {self.testbed.source, self.testbed.sink} - used]
+        idle = sorted({self.testbed.source, self.testbed.sink} - set(plan.devices))
+        busy += [(self.idle_busy(d), f"device {d}") for d in idle]
         loads: dict[tuple[str, str], float] = {}
         for src, dst, nbytes in self.transfers_of(plan):
             for hop, ms in self.link_loads(nbytes, src, dst):
                 loads[hop] = loads.get(hop, 0.0) + ms
-        return max([*busy, *loads.values(), *self.core_loads(plan).values()])
+        busy += [(ms, f"link {u}->{v}") for (u, v), ms in loads.items()]
+        busy += [(ms, f"core {c}") for c, ms in self.core_loads(plan).items()]
+        ms, label = busy[0]
+        for value, name in busy[1:]:
+            if value > ms:
+                ms, label = value, name
+        return ms, label
 
 
 def load_cost_model(

@@ -5,8 +5,8 @@ several search processes on several hosts). A study has directions (minimize ``l
 maximize ``throughput_rps``) and the user attributes ``model, testbed, batch_size, granularity,
 condition, profiles_root``. Every evaluated plan is a COMPLETE trial with values
 ``[latency_ms, throughput_rps]`` and the user attributes ``plan`` (text), ``engine``,
-``latency_ms``, ``throughput_rps``, ``items_per_s``, ``memory_bytes``, ``feasible`` and
-``on_front``; the system attribute ``constraints`` (``[0.0]`` feasible, ``[1.0]`` not) lets
+``latency_ms``, ``throughput_rps``, ``items_per_s``, ``memory_bytes``, ``feasible``, ``bound``
+(what sets its throughput) and ``on_front``; the system attribute ``constraints`` (``[0.0]`` feasible, ``[1.0]`` not) lets
 optuna-dashboard mark infeasible plans. Validation adds ``measured_<backend>`` to the trials of
 the validated plan.
 
@@ -217,6 +217,7 @@ def _trial(evaluation: Evaluation, engine: str, on_front: bool) -> FrozenTrial:
         "items_per_s": evaluation.items_per_s,
         "memory_bytes": dict(evaluation.memory_bytes),
         "feasible": bool(evaluation.feasible),
+        "bound": evaluation.bound,
         "on_front": on_front,
     }
     return optuna.trial.create_trial(

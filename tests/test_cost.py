@@ -38,7 +38,7 @@ def test_two_devices_bare_formulas() -> None:
     ]
     assert [t.ms for t in e.transfers] == pytest.approx([21, 1.1])
     # bottleneck: b's 25 ms (link a->b is busy 20 ms); 4 requests in flight hide the latency
-    assert e.throughput_rps == pytest.approx(40.0)
+    assert e.throughput_rps == pytest.approx(40.0) and e.bound == "device b"
     assert e.items_per_s == pytest.approx(40.0)
     single = model.evaluate(Plan.parse("a[0:3]"))
     assert single.latency_ms == pytest.approx(60) and single.transfers == ()
@@ -47,7 +47,7 @@ def test_two_devices_bare_formulas() -> None:
 
 def test_depth_bounds_throughput() -> None:
     e = _pair_model(Overheads.none(), depth=1).evaluate(Plan.parse("a[0:1] -> b[1:3]"))
-    assert e.throughput_rps == pytest.approx(1000 / 57.1)
+    assert e.throughput_rps == pytest.approx(1000 / 57.1) and e.bound == "in flight"
     unbounded = _pair_model(Overheads.none(), depth=0).evaluate(Plan.parse("a[0:1] -> b[1:3]"))
     assert unbounded.throughput_rps == pytest.approx(40.0)
 
@@ -130,7 +130,7 @@ def test_transfers_sharing_a_link_direction_add_up() -> None:
     e = _star_model().evaluate(Plan.parse("x[0:1] -> cam[1:2] -> y[2:3]"))
     # sw->cam carries cut 1 (50 kB at 10 Mbit/s: 40 ms) and the output (2 ms): 42 ms busy
     assert e.latency_ms == pytest.approx(11.5 + 4 + 41.5 + 6 + 21.5 + 16 + 3.5)
-    assert e.throughput_rps == pytest.approx(1000 / 42)
+    assert e.throughput_rps == pytest.approx(1000 / 42) and e.bound == "link sw->cam"
 
 
 def test_memory_and_feasibility() -> None:
@@ -164,6 +164,7 @@ def test_to_dict_keys() -> None:
         "feasible",
         "stages",
         "transfers",
+        "bound",
     ]
     assert doc["plan"] == "a[0:2] -> b[2:3]"
     assert list(doc["stages"][0]) == ["device", "start", "end", "compute_ms"]
@@ -226,12 +227,14 @@ def test_evaluate_command_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert [o["plan"] for o in out] == ["a[0:4]", "a[0:2] -> b[2:4]"]
     assert set(out[1]) == {
         "plan", "latency_ms", "throughput_rps", "items_per_s", "memory_bytes", "feasible",
-        "stages", "transfers",
+        "stages", "transfers", "bound",
     }  # fmt: skip
     # wifi: 10 ms RTT, so the cut transfer takes at least 5 ms one way
     assert out[1]["transfers"][0]["ms"] > 5
+    assert out[0]["bound"] == "device a"  # one device, its requests pipelined
     assert main(["evaluate", "synth", *common, *plans[:2], "--link-mbps", "3"]) == 0
-    assert "a[0:4]" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "a[0:4]" in table and "bound by" in table
 
 
 @pytest.mark.parametrize(
@@ -295,7 +298,9 @@ def test_shared_host_cores_bound_throughput() -> None:
     forwarded = (125_000 + 250_000 + 12_500 + 2 * 1_250) / 1e6 * 10
     assert loads == pytest.approx({0: 3.0, 1: 4 + 6 + 8 + forwarded})
     # s2's own bound is its 20 ms (paced); the shared core is busier
-    assert model.evaluate(plan).throughput_rps == pytest.approx(1000 / (18 + forwarded))
+    evaluation = model.evaluate(plan)
+    assert evaluation.throughput_rps == pytest.approx(1000 / (18 + forwarded))
+    assert evaluation.bound == "core 1"
     # a fixed cost per forwarded message: 5 messages
     per_message = CostModel(
         model.testbed,
@@ -305,7 +310,8 @@ def test_shared_host_cores_bound_throughput() -> None:
     )
     assert per_message.core_loads(plan)[1] == pytest.approx(loads[1] + 5 * 0.5)
     # with little client work the devices' own bound is back
-    assert _shared_host(client_ms=1.0).evaluate(plan).throughput_rps == pytest.approx(50.0)
+    relieved = _shared_host(client_ms=1.0).evaluate(plan)
+    assert relieved.throughput_rps == pytest.approx(50.0) and relieved.bound == "device s2"
     # devices that are machines of their own share no cores
     apart = _shared_host(client_ms=8.0, pinned=False)
     assert apart.testbed.host_cores is None and apart.core_loads(plan) == {}

@@ -60,6 +60,7 @@ def test_every_evaluation_becomes_a_complete_trial_with_the_agreed_attributes(ur
         assert attrs["memory_bytes"] == dict(evaluation.memory_bytes)
         assert attrs["feasible"] is evaluation.feasible
         assert attrs["on_front"] is (evaluation in front)
+        assert attrs["bound"] == evaluation.bound and attrs["bound"]
     assert [t.user_attrs["plan"] for t in store.front_trials(loaded)] == [
         str(e.plan) for e in front
     ]

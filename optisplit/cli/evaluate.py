@@ -130,11 +130,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             e.items_per_s,
             ", ".join(f"{d} {m / 2**20:.1f}" for d, m in e.memory_bytes.items()),
             "yes" if e.feasible else "NO",
+            e.bound,
         ]
         for e in evaluations
     ]
     print_table(
-        ["plan", "latency ms", "requests/s", "items/s", "memory MiB", "feasible"],
+        ["plan", "latency ms", "requests/s", "items/s", "memory MiB", "feasible", "bound by"],
         rows,
         title=f"{model.model} on {model.testbed.name} (batch {model.batch_size}, {model.granularity})",
     )
