@@ -47,6 +47,8 @@ ProgressCallback = Callable[[str, str, int, int], None]
 """Called with (plan text, phase, done, total); phase is deploy, latency, throughput or done."""
 
 RESULTS_SCHEMA = 1
+HOST_FULL = 0.95
+"""A core of the host of local workers this busy while a plan streamed gets a warning."""
 _N_INPUTS = 2
 
 
@@ -335,6 +337,15 @@ class _Run:
                 round_=round_,
                 window_s=window_s,
                 watch=watch,
+            )
+        busiest = measured.host.get("busiest_core")
+        if self.workers is not None and busiest and busiest["utilization"] >= HOST_FULL:
+            log.warning(
+                "plan %s: core %s of this host was %.0f %% busy while it streamed; the host, "
+                "not only the plan, may have set its throughput",
+                label,
+                busiest["core"],
+                100 * busiest["utilization"],
             )
         if on_progress is not None:
             on_progress(label, "done", 1, 1)

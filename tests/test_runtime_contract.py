@@ -217,4 +217,7 @@ def test_cpu_per_request_of_cores_and_watched_processes() -> None:
     assert "gone" not in host["watched_ms"]  # no such process: left out
     assert 15 <= sum(host["cores_ms"].values()) <= 20 * os.cpu_count()
     assert host["devices_ms"] == {}  # in process: no worker of their own
+    # the spinning thread kept one core busy about half of the time or more
+    assert host["busiest_core"]["core"] in host["cores_ms"]
+    assert 0.3 <= host["busiest_core"]["utilization"] <= 1.2
     assert result.to_dict()["host"] == host

@@ -18,7 +18,9 @@ Definitions (DESIGN §5):
   requests it completed: ``devices_ms`` per device (its worker's process CPU time, stages and
   relays; empty in process), ``watched_ms`` per named process (``watch``: e.g. the delay forwarder), and
   ``cores_ms`` per core of this host (``/proc/stat``: everything that ran there, the client and
-  any other process included; empty where there is no ``/proc/stat``). Clock ticks are 10 ms,
+  any other process included; empty where there is no ``/proc/stat``), and ``busiest_core``:
+  the core with the most and its utilisation at the measured throughput (near 1: the host,
+  not only the plan, set the pace). Clock ticks are 10 ms,
   so these need a phase of a few hundred requests or a few seconds to read well.
 """
 
@@ -182,7 +184,7 @@ def measure(
         window_s,
     )
     after = _cpu_snapshot(watch or {})
-    host = _host_load(deployment, before, after, warmup + len(tput_rows))
+    host = _host_load(deployment, before, after, warmup + len(tput_rows), rps)
     latencies = _latencies_ms(lat_rows)
     return Measurement(
         latency_ms=statistics.median(latencies),
@@ -225,7 +227,7 @@ def _cpu_snapshot(watch: Mapping[str, int]) -> dict[str, Any]:
 
 
 def _host_load(
-    deployment: Deployment, before: dict[str, Any], after: dict[str, Any], done: int
+    deployment: Deployment, before: dict[str, Any], after: dict[str, Any], done: int, rps: float
 ) -> dict[str, Any]:
     """CPU per request between two snapshots (and the workers' stats since their reset)."""
     if done <= 0:
@@ -245,19 +247,24 @@ def _host_load(
         seen.add(worker)
         ms = stat.cpu_percent / 100.0 * wall * 1e3 / done
         devices[stage.device] = devices.get(stage.device, 0.0) + ms
+    cores_ms = {
+        core: (after["cores"][core] - t0) / hz * 1e3 / done
+        for core, t0 in before["cores"].items()
+        if core in after["cores"]
+    }
+    busiest = max(cores_ms, key=cores_ms.__getitem__, default=None)
     return {
         "requests": done,
+        "busiest_core": None
+        if busiest is None or not rps > 0
+        else {"core": busiest, "utilization": round(cores_ms[busiest] * rps / 1e3, 3)},
         "devices_ms": devices,
         "watched_ms": {
             name: (after["watched"][name] - t0) * 1e3 / done
             for name, t0 in before["watched"].items()
             if name in after["watched"]
         },
-        "cores_ms": {
-            core: (after["cores"][core] - t0) / hz * 1e3 / done
-            for core, t0 in before["cores"].items()
-            if core in after["cores"]
-        },
+        "cores_ms": cores_ms,
     }
 
 
@@ -306,6 +313,8 @@ def _merge_host(hosts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not hosts:
         return {}
     merged: dict[str, Any] = {"requests": sum(h["requests"] for h in hosts)}
+    busiest = [h["busiest_core"] for h in hosts if h.get("busiest_core")]
+    merged["busiest_core"] = max(busiest, key=lambda b: b["utilization"], default=None)
     for key in ("devices_ms", "watched_ms", "cores_ms"):
         names = dict.fromkeys(n for h in hosts for n in h.get(key, {}))
         merged[key] = {
