@@ -47,7 +47,6 @@ import platform
 import statistics
 import tempfile
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -358,10 +357,12 @@ class _Helpers:
         """(messages, MB) the forwarder passes per request -> its CPU ms per request."""
 
     def add(self, plan_text: str, measured: dict[str, Any]) -> None:
+        from optisplit.cost import plan_transfers
         from optisplit.plan import Plan
 
         load = measured.get("host") or {}
-        self._runtime(Plan.parse(plan_text), measured, load.get("devices_ms") or {})
+        plan = Plan.parse(plan_text)
+        self._runtime(plan, measured, load.get("devices_ms") or {})
         cores_ms = load.get("cores_ms") or {}
         if not self.cores or not all(str(c) in cores_ms for c in self.cores):
             return  # not one host, or no per-core figures here
@@ -375,14 +376,10 @@ class _Helpers:
         self.clients.append(max(busy - forwarder - copies, 0.0))  # the model adds the copies
         if "forwarder" not in watched:
             return
-        stages = Plan.parse(plan_text).stages
         # the client's input to the source and the sink's output to the client pass the
         # forwarder too, as does every transfer between two devices
         sizes = [self.cut_bytes[0], self.cut_bytes[-1]]
-        moves = [(self.testbed.source, stages[0].device, self.cut_bytes[0])]
-        moves += [(a.device, b.device, self.cut_bytes[b.start]) for a, b in pairwise(stages)]
-        moves.append((stages[-1].device, self.testbed.sink, self.cut_bytes[-1]))
-        sizes += [n for u, v, n in moves if u != v]
+        sizes += [n for _, _, n in plan_transfers(self.testbed, plan, self.cut_bytes)]
         key = (len(sizes), sum(sizes) / 1e6)
         self.forwards.setdefault(key, []).append(forwarder)
 

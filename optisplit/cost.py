@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,7 @@ __all__ = [
     "StageCost",
     "Transfer",
     "load_cost_model",
+    "plan_transfers",
 ]
 
 
@@ -542,13 +543,7 @@ class CostModel:
 
     def transfers_of(self, plan: Plan) -> list[tuple[str, str, int]]:
         """``(src, dst, bytes)`` of the plan's transfers in order: input, cuts, output."""
-        stages = plan.stages
-        moves = [(self.testbed.source, stages[0].device, self.cut_bytes[0])]
-        moves += [
-            (a.device, b.device, self.cut_bytes[b.start]) for a, b in itertools.pairwise(stages)
-        ]
-        moves.append((stages[-1].device, self.testbed.sink, self.cut_bytes[self.n_blocks]))
-        return [m for m in moves if m[0] != m[1]]
+        return plan_transfers(self.testbed, plan, self.cut_bytes)
 
     def evaluate(self, plan: Plan) -> Evaluation:
         """Predict one plan.
@@ -617,6 +612,18 @@ class CostModel:
             if value > ms:
                 ms, label = value, name
         return ms, label
+
+
+def plan_transfers(
+    testbed: Testbed, plan: Plan, cut_bytes: Sequence[int]
+) -> list[tuple[str, str, int]]:
+    """``(src, dst, bytes)`` of a plan's transfers between devices, in order: the input from the
+    source, the cuts, the output to the sink; ``cut_bytes[c]`` crosses cut ``c`` (0..B)."""
+    stages = plan.stages
+    moves = [(testbed.source, stages[0].device, cut_bytes[0])]
+    moves += [(a.device, b.device, cut_bytes[b.start]) for a, b in itertools.pairwise(stages)]
+    moves.append((stages[-1].device, testbed.sink, cut_bytes[-1]))
+    return [m for m in moves if m[0] != m[1]]
 
 
 def load_cost_model(
