@@ -65,6 +65,10 @@ class PlanComparison:
     on_measured_front: bool = False
     measured_rounds: tuple[tuple[float, float], ...] = ()
     """Each round's measured (latency_ms, throughput_rps) (empty for a single round)."""
+    predicted_bound: str | None = None
+    """What the cost model said bounds the throughput (``Evaluation.bound``), where known."""
+    host_busiest: float | None = None
+    """Utilisation of the busiest core of the local workers' host while the plan streamed."""
 
     @property
     def ok(self) -> bool:
@@ -107,6 +111,8 @@ class PlanComparison:
             "on_measured_front": self.on_measured_front,
             "outputs_match": self.outputs_match,
             "error": self.error,
+            "predicted_bound": self.predicted_bound,
+            "host_busiest": self.host_busiest,
         }
 
 
@@ -285,7 +291,7 @@ def compare_study(study: optuna.Study, *, backend: str | None = None) -> Compari
 def plans_from_results(results: Sequence[Mapping[str, Any]]) -> list[PlanComparison]:
     """Per-plan comparisons from ``validate_plans`` result dicts (the ``validate --json`` form).
 
-    Each result holds ``plan``, ``predicted`` {latency_ms, throughput_rps}, ``measured``
+    Each result holds ``plan``, ``predicted`` {latency_ms, throughput_rps, bound}, ``measured``
     {latency_ms, latency_p95_ms, throughput_rps, ...}, ``outputs_match`` and ``error``.
     Results without a prediction (``predicted`` None: profiles missing) are left out.
     """
@@ -307,6 +313,8 @@ def plans_from_results(results: Sequence[Mapping[str, Any]]) -> list[PlanCompari
                 outputs_match=result.get("outputs_match", measured.get("outputs_match")),
                 error=str(error) if error else None,
                 measured_rounds=_rounds(measured),
+                predicted_bound=predicted.get("bound"),
+                host_busiest=_busiest(measured),
             )
         )
     return plans
@@ -325,7 +333,16 @@ def _plan_from_trial(attrs: Mapping[str, Any], key: str) -> PlanComparison:
         outputs_match=measured.get("outputs_match"),
         error=str(error) if error else None,
         measured_rounds=_rounds(measured),
+        predicted_bound=attrs.get("bound"),
+        host_busiest=_busiest(measured),
     )
+
+
+def _busiest(measured: Mapping[str, Any]) -> float | None:
+    """The busiest core's utilisation in a ``measured`` object (``host.busiest_core``)."""
+    host = measured.get("host")
+    busiest = host.get("busiest_core") if isinstance(host, Mapping) else None
+    return _opt_float(busiest.get("utilization")) if isinstance(busiest, Mapping) else None
 
 
 def _rounds(measured: Mapping[str, Any]) -> tuple[tuple[float, float], ...]:

@@ -160,8 +160,8 @@ def write_comparison_report(
 def _plan_table(comparison: Comparison) -> list[str]:
     rows = [
         "| plan | pred latency ms | meas latency ms | err % | pred req/s | meas req/s | err % "
-        "| fronts | outputs |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| bound | host core % | fronts | outputs |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for p in comparison.plans:
         fronts = ("P" if p.on_predicted_front else "") + ("M" if p.on_measured_front else "")
@@ -172,6 +172,8 @@ def _plan_table(comparison: Comparison) -> list[str]:
             f"| `{p.plan}` | {_fmt(p.predicted_latency_ms)} | {_fmt(p.measured_latency_ms)} "
             f"| {_fmt(p.latency_error_pct, '+.1f')} | {_fmt(p.predicted_throughput_rps)} "
             f"| {_fmt(p.measured_throughput_rps)} | {_fmt(p.throughput_error_pct, '+.1f')} "
+            f"| {p.predicted_bound or 'n/a'} "
+            f"| {_fmt(None if p.host_busiest is None else 100 * p.host_busiest, '.0f')} "
             f"| {fronts} | {outputs} |"
         )
     return rows

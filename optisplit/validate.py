@@ -98,10 +98,10 @@ def validate_plans(
 ) -> list[dict[str, Any]]:
     """Deploy, measure and record every plan; returns the per-plan result dicts.
 
-    Each result has the keys ``plan, predicted`` ({``latency_ms, throughput_rps``} or None when
-    profiles are missing), ``measured`` ({``latency_ms, latency_p95_ms, throughput_rps,
-    items_per_s, requests, stages, transfers``} or None when it failed), ``outputs_match`` and
-    ``error`` (None, or why the plan failed).
+    Each result has the keys ``plan, predicted`` ({``latency_ms, throughput_rps, bound``} or
+    None when profiles are missing), ``measured`` ({``latency_ms, latency_p95_ms,
+    throughput_rps, items_per_s, requests, stages, transfers, host``} or None when it failed),
+    ``outputs_match`` and ``error`` (None, or why the plan failed).
 
     Args:
         testbed: a Testbed or the name/path of one.
@@ -383,8 +383,9 @@ def _predictions(
     granularity: str,
     root: str,
     backend: str | None,
-) -> dict[str, dict[str, float] | None]:
-    """Predicted latency and throughput of each plan (None for all: profiles missing)."""
+) -> dict[str, dict[str, Any] | None]:
+    """Predicted latency, throughput and what bounds it of each plan (None for all: profiles
+    missing)."""
     try:
         from optisplit.cost import load_cost_model
 
@@ -401,7 +402,7 @@ def _predictions(
         log.info("no predictions: %s", exc)
         return dict.fromkeys(map(str, plans))
     return {
-        key: {"latency_ms": e.latency_ms, "throughput_rps": e.throughput_rps}
+        key: {"latency_ms": e.latency_ms, "throughput_rps": e.throughput_rps, "bound": e.bound}
         for key, e in evaluations.items()
     }
 

@@ -312,3 +312,32 @@ def test_a_plan_recorded_by_several_engines_counts_once() -> None:
     )
     result = compare_study(study)
     assert sorted(p.plan for p in result.plans) == sorted(r[0] for r in ROWS)
+
+
+def test_predicted_bound_and_host_utilisation_reach_the_report() -> None:
+    from optisplit.report import comparison_markdown
+
+    host = {"busiest_core": {"core": "1", "utilization": 0.97}, "cores_ms": {"1": 9.7}}
+    results = [
+        {
+            "plan": "a[0:1] -> b[1:2]",
+            "predicted": {"latency_ms": 10.0, "throughput_rps": 100.0, "bound": "core 1"},
+            "measured": _measured(11.0, 90.0, host=host),
+            "outputs_match": True,
+            "error": None,
+        },
+        {  # an older result: no bound, no host figures
+            "plan": "a[0:2]",
+            "predicted": {"latency_ms": 20.0, "throughput_rps": 50.0},
+            "measured": _measured(20.0, 50.0),
+            "outputs_match": True,
+            "error": None,
+        },
+    ]
+    comparison = compare_plans(plans_from_results(results))
+    first, second = comparison.plans
+    assert (first.predicted_bound, first.host_busiest) == ("core 1", 0.97)
+    assert (second.predicted_bound, second.host_busiest) == (None, None)
+    assert first.to_dict()["predicted_bound"] == "core 1"
+    text = comparison_markdown(comparison)
+    assert "| core 1 | 97 |" in text and "| n/a | n/a |" in text
