@@ -217,7 +217,8 @@ class Evaluation:
     transfers: tuple[Transfer, ...]
     bound: str = ""
     """What sets the throughput: ``device NAME``, ``link U->V``, ``core N`` (a shared host's
-    core) or ``in flight`` (the latency over the requests in flight)."""
+    core with more than one device's work, or the client's and forwarder's) or ``in flight``
+    (the latency over the requests in flight)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -475,24 +476,32 @@ class CostModel:
 
     def core_loads(self, plan: Plan) -> dict[int, float]:
         """Busy time per request of each core of the shared host (empty when there is none)."""
+        return {core: ms for core, (ms, _) in self._core_work(plan).items()}
+
+    def _core_work(self, plan: Plan) -> dict[int, tuple[float, set[str]]]:
+        """Per core of the shared host: busy time per request, and whose work it is (device
+        names; ``""`` for the client and forwarder)."""
         if not self.host_cores:
             return {}
         loads = dict.fromkeys(self.host_cores, 0.0)
+        owners: dict[int, set[str]] = {c: set() for c in self.host_cores}
 
-        def add(part: Mapping[int, float]) -> None:
+        def add(part: Mapping[int, float], owner: str) -> None:
             for core, ms in part.items():
                 loads[core] += ms
+                if ms > 0:
+                    owners[core].add(owner)
 
         stages = plan.stages
         for i, s in enumerate(stages):
             cpu = self.stage_cpu(s.device, s.start, s.end, first=i == 0, last=i == len(stages) - 1)
-            add(self.core_load(s.device, cpu))
+            add(self.core_load(s.device, cpu), s.device)
         for d in {self.testbed.source, self.testbed.sink} - set(plan.devices):
-            add(self.core_load(d, self.idle_cpu(d)))
+            add(self.core_load(d, self.idle_cpu(d)), d)
         helpers = self.client_cpu_ms()
         helpers += sum(self.forward_ms(n, src, dst) for src, dst, n in self.transfers_of(plan))
-        add(self.helper_load(helpers))
-        return loads
+        add(self.helper_load(helpers), "")
+        return {c: (loads[c], owners[c]) for c in self.host_cores}
 
     def _stage_parts(
         self,
@@ -606,7 +615,10 @@ class CostModel:
             for hop, ms in self.link_loads(nbytes, src, dst):
                 loads[hop] = loads.get(hop, 0.0) + ms
         busy += [(ms, f"link {u}->{v}") for (u, v), ms in loads.items()]
-        busy += [(ms, f"core {c}") for c, ms in self.core_loads(plan).items()]
+        for core, (ms, owners) in self._core_work(plan).items():
+            # a core that runs one device's work alone is that device's limit
+            alone = len(owners) == 1 and "" not in owners
+            busy.append((ms, f"device {next(iter(owners))}" if alone else f"core {core}"))
         ms, label = busy[0]
         for value, name in busy[1:]:
             if value > ms:

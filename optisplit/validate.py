@@ -337,6 +337,7 @@ class _Run:
                 round_=round_,
                 window_s=window_s,
                 watch=watch,
+                spare_cores=helpers,
             )
         busiest = measured.host.get("busiest_core")
         if self.workers is not None and busiest and busiest["utilization"] >= HOST_FULL:

@@ -347,6 +347,9 @@ def test_runtime_cpu_per_request_on_shared_cores() -> None:
     )
     assert model.core_loads(plan) == pytest.approx({0: 0.1 * 60 + 2.0, 1: 2 * 2.0})
     assert model.stage_busy("f", 0, 3, first=True, last=True) == pytest.approx(6.5)
+    # core 0 runs f's work alone: the bound is f's, at the core's 8 ms
+    evaluation = model.evaluate(plan)
+    assert evaluation.bound == "device f" and evaluation.throughput_rps == pytest.approx(125.0)
     # without request_cpu_ms the cores take request_ms
     plain = CostModel(
         base.testbed,

@@ -19,8 +19,9 @@ Definitions (DESIGN §5):
   relays; empty in process), ``watched_ms`` per named process (``watch``: e.g. the delay forwarder), and
   ``cores_ms`` per core of this host (``/proc/stat``: everything that ran there, the client and
   any other process included; empty where there is no ``/proc/stat``), and ``busiest_core``:
-  the core with the most and its utilisation at the measured throughput (near 1: the host,
-  not only the plan, set the pace). Clock ticks are 10 ms,
+  the busiest of the ``spare_cores`` (where the host's own work runs beside the devices) and
+  its utilisation at the measured throughput (near 1: the host, not only the plan, set the
+  pace). Clock ticks are 10 ms,
   so these need a phase of a few hundred requests or a few seconds to read well.
 """
 
@@ -142,6 +143,7 @@ def measure(
     round_: int = 1,
     window_s: float = 0.0,
     watch: Mapping[str, int] | None = None,
+    spare_cores: Iterable[int] | None = None,
 ) -> Measurement:
     """Run the latency phase then the throughput phase on ``deployment``.
 
@@ -153,6 +155,9 @@ def measure(
         round_: the round number written in the timestamp rows.
         window_s: the throughput phase's steady window lasts at least this many seconds.
         watch: processes (name -> pid) whose CPU time per request to report in ``host``.
+        spare_cores: the cores ``host.busiest_core`` looks at (default: all): those where the
+            host's own work runs beside the devices, whose filling up means the host, not the
+            plan, set the pace (a device's own core fills when the device is the bottleneck).
 
     Raises:
         RuntimeFailure: a stage failed or a reply did not come within ``timeout_s``.
@@ -184,7 +189,7 @@ def measure(
         window_s,
     )
     after = _cpu_snapshot(watch or {})
-    host = _host_load(deployment, before, after, warmup + len(tput_rows), rps)
+    host = _host_load(deployment, before, after, warmup + len(tput_rows), rps, spare_cores)
     latencies = _latencies_ms(lat_rows)
     return Measurement(
         latency_ms=statistics.median(latencies),
@@ -227,7 +232,12 @@ def _cpu_snapshot(watch: Mapping[str, int]) -> dict[str, Any]:
 
 
 def _host_load(
-    deployment: Deployment, before: dict[str, Any], after: dict[str, Any], done: int, rps: float
+    deployment: Deployment,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    done: int,
+    rps: float,
+    spare_cores: Iterable[int] | None = None,
 ) -> dict[str, Any]:
     """CPU per request between two snapshots (and the workers' stats since their reset)."""
     if done <= 0:
@@ -252,7 +262,9 @@ def _host_load(
         for core, t0 in before["cores"].items()
         if core in after["cores"]
     }
-    busiest = max(cores_ms, key=cores_ms.__getitem__, default=None)
+    spare = None if spare_cores is None else {str(c) for c in spare_cores}
+    candidates = [c for c in cores_ms if spare is None or c in spare]
+    busiest = max(candidates, key=cores_ms.__getitem__, default=None)
     return {
         "requests": done,
         "busiest_core": None
