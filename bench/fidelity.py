@@ -50,7 +50,7 @@ from optisplit.profile import load_profile, profile_path  # noqa: E402
 from optisplit.profiler import WANDER_WARN  # noqa: E402
 from optisplit.search import get_engine  # noqa: E402
 from optisplit.testbed import Testbed, apply_condition, load_testbed  # noqa: E402
-from optisplit.validate import validate_plans  # noqa: E402
+from optisplit.validate import HOST_FULL, validate_plans  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 _PROFILE_RETRIES = 2
@@ -228,6 +228,42 @@ def _diagnostics(cost: Any, results: list[dict[str, Any]], backend: str) -> dict
             "throughput_spearman": given.throughput_spearman,
         },
         "round_vs_round": dict(repeat or {}),
+        "host_full": _host_full(cost, results),
+    }
+
+
+def _host_full(cost: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plans whose busiest helper core was full (``validate``'s warning, ``HOST_FULL``)
+    against the others: their throughput error, and the signed error of the predicted CPU per
+    request of that core (``CostModel.core_loads``) against the measured one."""
+    groups: dict[str, dict[str, list[float]]] = {
+        "full": {"throughput": [], "core": []},
+        "others": {"throughput": [], "core": []},
+    }
+    for result in results:
+        measured, predicted = result.get("measured"), result.get("predicted")
+        if not measured or not predicted or not measured.get("throughput_rps"):
+            continue
+        busiest = (measured.get("host") or {}).get("busiest_core")
+        if not busiest:
+            continue
+        group = groups["full" if busiest["utilization"] >= HOST_FULL else "others"]
+        rate = measured["throughput_rps"]
+        group["throughput"].append(abs(predicted["throughput_rps"] - rate) / rate * 100)
+        core = int(busiest["core"])
+        loads = cost.core_loads(Plan.parse(result["plan"]))
+        spent = measured["host"]["cores_ms"].get(busiest["core"])
+        if core in loads and spent:
+            group["core"].append((loads[core] - spent) / spent * 100)
+    return {
+        name: {
+            "plans": len(g["throughput"]),
+            "throughput_mape": sum(g["throughput"]) / len(g["throughput"])
+            if g["throughput"]
+            else None,
+            "core_error_pct": sum(g["core"]) / len(g["core"]) if g["core"] else None,
+        }
+        for name, g in groups.items()
     }
 
 
@@ -243,6 +279,7 @@ def _rescore(path: str, args: argparse.Namespace) -> int:
         case.update(_diagnostics(cost, case["results"], case["backend"]))
     Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     _print(doc["cases"])
+    _print_host_full(doc["cases"])
     return 0
 
 
@@ -313,6 +350,27 @@ def _print(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _print_host_full(rows: list[dict[str, Any]]) -> None:
+    """Per case: plans whose busiest helper core was full against the others."""
+    print(
+        f"\n{'testbed':8} {'condition':12} {'model':13} {'backend':7} "
+        f"{'full':>4} {'thr% full':>9} {'thr% rest':>9} {'core% full':>10} {'core% rest':>10}"
+    )
+    for r in rows:
+        full, rest = (
+            (r.get("host_full") or {}).get("full"),
+            (r.get("host_full") or {}).get("others"),
+        )
+        if not full or not rest:
+            continue
+        print(
+            f"{r['testbed']:8} {r['condition']:12} {r['model']:13} {r['backend']:7} "
+            f"{full['plans']:>4} {_fmt(full['throughput_mape'], '9.1f')} "
+            f"{_fmt(rest['throughput_mape'], '9.1f')} {_fmt(full['core_error_pct'], '+10.1f')} "
+            f"{_fmt(rest['core_error_pct'], '+10.1f')}"
+        )
+
+
 def _probe(bed: Testbed, backend: str, args: argparse.Namespace) -> Overheads:
     calibration = calibrate_overheads(
         bed, backend, requests=max(args.requests, 40), warmup=args.warmup, window_s=args.window
@@ -362,6 +420,7 @@ def main() -> int:
                 emulate.down(base.name)
     print()
     _print(rows)
+    _print_host_full(rows)
     seconds = _write(args, rows, started)
     print(f"\nwrote {args.out} in {seconds} s")
     return 0

@@ -29,6 +29,10 @@ costs show (a zoo model's 224x224 input takes 4.8 ms per request on a 1 Gbit/s l
   (input to the source, the source's transfer, the output back, the output to the client),
   24 KB in all in one and 274 KB in the other: the two fix its cost per message
   (``forward_ms``) and per MB (``forward_ms_per_mb``).
+- ``request_cpu_ms``: the source's worker CPU time per request in the split plan, less its
+  stage's compute (wall time at the source's share of a core, which a paced device's pacer
+  makes its CPU time) and copies, per role (its stage, and the output's relay when it is the
+  sink as well): what the runtime costs the cores of a shared host per stage or relay.
 
 Both plans are measured ``rounds`` times (3 by default), taking turns, and the medians kept.
 
@@ -181,7 +185,8 @@ def load_calibration(
         if doc.get("request_cpu_ms") is not None:
             values["request_cpu_ms"] = float(doc["request_cpu_ms"])
     except (KeyError, TypeError, ValueError):
-        raise ProfileError(f"{path}: calibration lacks numbers for {', '.join(_TERMS)}") from None
+        terms = ", ".join((*_TERMS, *_HOST_TERMS, "request_cpu_ms"))
+        raise ProfileError(f"{path}: calibration lacks numbers for {terms}") from None
     if not all(0.0 <= v < float("inf") for v in values.values()):
         raise ProfileError(f"{path}: calibration terms must be numbers >= 0, got {values}")
     return Calibration.from_dict({**doc, **values})
@@ -272,7 +277,7 @@ def calibrate_overheads(
     hops: list[list[dict[str, Any]]] = []
     periods: list[float] = []
     computes: list[float] = []
-    helpers = _Helpers(testbed, chain)
+    helpers = _HostCosts(testbed, chain)
     for _ in range(rounds):  # the plans take turns: a slow spell spreads over both
         if other != testbed.source:
             measured = run(split)
@@ -339,8 +344,9 @@ def calibrate_overheads(
     )
 
 
-class _Helpers:
-    """The client's and the forwarder's CPU time per request, read from probe measurements."""
+class _HostCosts:
+    """CPU time per request of the client, the forwarder and a device's runtime, read from
+    the probe's measurements (``Measurement.host``)."""
 
     def __init__(self, testbed: Testbed, chain: Any) -> None:
         from optisplit import emulate
@@ -394,7 +400,14 @@ class _Helpers:
         first = plan.stages[0]
         if len(plan.stages) < 2 or first.device != source or source not in devices_ms:
             return
-        compute = next((s["compute_ms"] for s in measured.get("stages", [])), None)
+        compute = next(
+            (
+                s["compute_ms"]
+                for s in measured.get("stages", [])
+                if (s["device"], s.get("start"), s.get("end")) == (source, first.start, first.end)
+            ),
+            None,
+        )
         if compute is None:
             return
         device = self.testbed.devices[source]

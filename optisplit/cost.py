@@ -42,17 +42,17 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   time per request of all the work pinned to it. A device's CPU per request is its compute
   times its share of a core (``pace`` on a paced device, ``min(cpu_quota, 1)`` on a
   quota-limited one, 1 otherwise), plus its copies and ``request_cpu_ms`` for each stage or
-  relay (its runtime's CPU time); it is spread evenly over the device's cores. The emulation's own processes run on the testbed's helper
-  cores (``testbed.helper_cores``: the least-allotted ones; every core when all are full),
-  spread evenly over them: ``client_ms`` per request plus ``copy`` of the input and the output
-  (the client that sends inputs and takes outputs), and ``forward_ms`` plus
-  ``forward_ms_per_mb`` per MB for every message the userspace delay path forwards: each
-  transfer between two devices, the input from the client to the source and the output from
-  the sink to the client. Each device's own bound leaves its rests to others; this one says whether
-  they all fit: two paced devices, their runtime threads, the client and the forwarder on
-  one core saturated it at 9.0 ms per request (socket) and 15.2 ms (RPC) in a three-device
-  mobilenet_v2 pipeline on ``local3`` (``bench/hostload.py``), where every device's own
-  busy time was under 8 ms.
+  relay (its runtime's CPU time); it is spread evenly over the device's cores. The
+  emulation's own processes run on the testbed's helper cores (``testbed.helper_cores``: the
+  least-allotted ones; every core when all are full), spread evenly over them: ``client_ms``
+  per request plus ``copy`` of the input and the output (the client that sends inputs and
+  takes outputs), and ``forward_ms`` plus ``forward_ms_per_mb`` per MB for every message the
+  userspace delay path forwards: each transfer between two devices, the input from the client
+  to the source and the output from the sink to the client. Each device's own bound leaves
+  its rests to others; this one says whether they all fit: two paced devices, their runtime
+  threads, the client and the forwarder on one core saturated it at 9.0 ms per request
+  (socket) and 15.2 ms (RPC) in a three-device mobilenet_v2 pipeline on ``local3``
+  (``bench/hostload.py``), where every device's own busy time was under 8 ms.
 * ``throughput_rps = 1000 / max(bottleneck_ms, latency_ms / depth)``: the asymptotic bounds of
   a closed queueing network (Lazowska et al., *Quantitative System Performance*, 1984, §5.2)
   with ``depth`` requests in flight. ``depth`` defaults to ``2 * k``, the default of
@@ -129,9 +129,9 @@ class Overheads:
             from the client to the source and the output from the sink to the client. ``0`` by
             default; ``optisplit calibrate`` measures them.
 
-    ``message_ms``, ``handoff_ms``, ``request_ms``, ``client_ms``, ``forward_ms`` and
-    ``forward_ms_per_mb`` depend on the runtime backend and the host: ``optisplit calibrate`` measures them per
-    testbed and backend (:mod:`optisplit.calibrate`).
+    ``message_ms``, ``handoff_ms``, ``request_ms``, ``request_cpu_ms``, ``client_ms``,
+    ``forward_ms`` and ``forward_ms_per_mb`` depend on the runtime backend and the host:
+    ``optisplit calibrate`` measures them per testbed and backend (:mod:`optisplit.calibrate`).
     """
 
     message_ms: float = 0.05
@@ -470,7 +470,7 @@ class CostModel:
             return 0.0
         return self.overheads.forward_ms + self.overheads.forward_ms_per_mb * nbytes / 1e6
 
-    def forward_ms(self, nbytes: int, src: str, dst: str) -> float:
+    def forward_transfer_ms(self, nbytes: int, src: str, dst: str) -> float:
         """CPU time of the delay path for one transfer (0 when ``src == dst``)."""
         return 0.0 if src == dst else self.forward_cpu_ms(nbytes)
 
@@ -499,7 +499,9 @@ class CostModel:
         for d in {self.testbed.source, self.testbed.sink} - set(plan.devices):
             add(self.core_load(d, self.idle_cpu(d)), d)
         helpers = self.client_cpu_ms()
-        helpers += sum(self.forward_ms(n, src, dst) for src, dst, n in self.transfers_of(plan))
+        helpers += sum(
+            self.forward_transfer_ms(n, src, dst) for src, dst, n in self.transfers_of(plan)
+        )
         add(self.helper_load(helpers), "")
         return {c: (loads[c], owners[c]) for c in self.host_cores}
 

@@ -6,9 +6,9 @@ maximize ``throughput_rps``) and the user attributes ``model, testbed, batch_siz
 condition, profiles_root``. Every evaluated plan is a COMPLETE trial with values
 ``[latency_ms, throughput_rps]`` and the user attributes ``plan`` (text), ``engine``,
 ``latency_ms``, ``throughput_rps``, ``items_per_s``, ``memory_bytes``, ``feasible``, ``bound``
-(what sets its throughput) and ``on_front``; the system attribute ``constraints`` (``[0.0]`` feasible, ``[1.0]`` not) lets
-optuna-dashboard mark infeasible plans. Validation adds ``measured_<backend>`` to the trials of
-the validated plan.
+(what sets its throughput) and ``on_front``; the system attribute ``constraints`` (``[0.0]``
+feasible, ``[1.0]`` not) lets optuna-dashboard mark infeasible plans. Validation adds
+``measured_<backend>`` to the trials of the validated plan.
 
 Trials are written in bulk, one transaction per batch: Optuna's ``add_trials`` costs several
 milliseconds per trial, too slow for the thousands of plans one search evaluates.

@@ -262,6 +262,10 @@ class _Run:
         self.spec = spec
         self.backend_name = backend
         self.workers: LocalWorkers | None = None
+        self.helpers: tuple[int, ...] | None = None
+        """Cores for this process and the delay forwarder beside local workers (None: any)."""
+        self.watch: dict[str, int] = {}
+        """Processes whose CPU time per request the measurements report (the forwarder)."""
         self.addresses: dict[str, tuple[str, int]] = {}
         self.backend: Backend
         if backend == "inprocess":
@@ -289,6 +293,12 @@ class _Run:
 
             self.workers = LocalWorkers(testbed, devices, torch_device=torch_device)
             self.backend = backend_cls(self.workers.token, same_clock=True)
+            from optisplit import emulate
+
+            # local workers share this host with us: keep off the cores the devices need
+            self.helpers = emulate.helper_cores(testbed)
+            forwarder = emulate.forwarder_pid(testbed)
+            self.watch = {} if forwarder is None else {"forwarder": forwarder}
 
     def measure(
         self,
@@ -304,7 +314,6 @@ class _Run:
         window_s: float = 0.0,
     ) -> Measurement:
         """Deploy ``plan`` and measure it once (round ``round_``)."""
-        from optisplit import emulate
         from optisplit.emulate.sandbox import on_cores
         from optisplit.runtime.measure import measure
 
@@ -317,11 +326,7 @@ class _Run:
         tick = (
             None if on_progress is None else (lambda phase, i, n: on_progress(label, phase, i, n))
         )
-        # local workers share this host with us: keep off the cores the devices need
-        helpers = None if self.workers is None else emulate.helper_cores(self.testbed)
-        forwarder = emulate.forwarder_pid(self.testbed)
-        watch = {} if forwarder is None else {"forwarder": forwarder}
-        with on_cores(helpers), self.backend.deploy(self.spec, stages) as deployment:
+        with on_cores(self.helpers), self.backend.deploy(self.spec, stages) as deployment:
             measured = measure(
                 deployment,
                 inputs,
@@ -336,11 +341,11 @@ class _Run:
                 on_request=tick,
                 round_=round_,
                 window_s=window_s,
-                watch=watch,
-                spare_cores=helpers,
+                watch=self.watch,
+                spare_cores=self.helpers or (),  # no spare core: nothing to tell
             )
         busiest = measured.host.get("busiest_core")
-        if self.workers is not None and busiest and busiest["utilization"] >= HOST_FULL:
+        if busiest and busiest["utilization"] >= HOST_FULL:
             log.warning(
                 "plan %s: core %s of this host was %.0f %% busy while it streamed; the host, "
                 "not only the plan, may have set its throughput",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -52,6 +53,15 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     root = tmp_path / "profiles"
     calibration = Calibration("pair", "socket", 0.1, 0.2, 1.5, created="2026-01-01T00:00:00")
     path = save_calibration(calibration, root=root)
+    # the shared host's terms round-trip too
+    host = dataclasses.replace(
+        calibration, client_ms=0.3, forward_ms=0.05, forward_ms_per_mb=1.2, request_cpu_ms=0.4
+    )
+    save_calibration(host, root=root)
+    loaded = load_calibration("pair", "socket", root=root)
+    assert loaded == host and loaded is not None
+    assert loaded.overheads().cpu_per_request_ms == 0.4
+    path = save_calibration(calibration, root=root)
     assert path == calibration_path("pair", "socket", root=root)
     assert path == root / "overheads" / "pair-socket.json"
     assert load_calibration("pair", "socket", root=root) == calibration
@@ -64,8 +74,10 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     doc = json.loads(path.read_text())
     for broken, reason in (
         ({**doc, "request_ms": -1.0}, "must be numbers >= 0"),
+        ({**doc, "forward_ms": -0.5}, "must be numbers >= 0"),
         ({k: v for k, v in doc.items() if k != "handoff_ms"}, "lacks numbers"),
         ({**doc, "message_ms": "fast"}, "lacks numbers"),
+        ({**doc, "client_ms": "lots"}, "lacks numbers"),
         ({**doc, "schema_version": 9}, "schema"),
     ):
         path.write_text(json.dumps(broken))
@@ -191,13 +203,13 @@ def test_calibrating_on_loopback_workers(tmp_path: Path) -> None:
 
 
 def test_client_and_forwarder_costs_from_the_host_figures() -> None:
-    from optisplit.calibrate import PROBE_FACTORY, PROBE_MODEL, _Helpers
+    from optisplit.calibrate import PROBE_FACTORY, PROBE_MODEL, _HostCosts
     from optisplit.chain import load_chain
     from optisplit.testbed import load_testbed
 
     bed = load_testbed("local3", root=ROOT / "profiles")
     chain = load_chain(PROBE_MODEL, module=PROBE_FACTORY)
-    helpers = _Helpers(bed, chain)
+    helpers = _HostCosts(bed, chain)
     assert helpers.cores  # local3's devices share this host: the helpers have cores
     copies = Overheads().copy_ms(chain.input_bytes) + Overheads().copy_ms(chain.output_bytes)
 
@@ -233,13 +245,16 @@ def test_client_and_forwarder_costs_from_the_host_figures() -> None:
     # pace 0.4) and copies, over the stage and the output relay
     copy = Overheads().copy_ms
     measured = figures({"slow1": 4.0, "fast": 3.0}, 0.2, 0.5)
-    measured["stages"] = [{"device": "slow1", "compute_ms": 7.5}, {"device": "fast"}]
+    measured["stages"] = [
+        {"device": "slow1", "start": 0, "end": 17, "compute_ms": 7.5},
+        {"device": "fast", "start": 17, "end": 35, "compute_ms": 3.0},
+    ]
     helpers.add(split, measured)
     expected = (4.0 - 7.5 * 0.4 - copy(cut) - copy(out)) / 2
     assert helpers.request_cpu_ms() == pytest.approx(expected)
     # a measurement without per-core figures, and a testbed of separate machines, add nothing
     helpers.add(split, {"host": {}})
     assert len(helpers.clients) == 5
-    pair = _Helpers(two_device_testbed(rtt_ms=0.2, mbps=1000.0), chain)
+    pair = _HostCosts(two_device_testbed(rtt_ms=0.2, mbps=1000.0), chain)
     pair.add("a[0:35]", figures({}, 0.1, 0.7))
     assert pair.cores == () and pair.client_ms() == 0.0 and pair.forward_terms() == (0.0, 0.0)

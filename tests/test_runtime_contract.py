@@ -220,4 +220,8 @@ def test_cpu_per_request_of_cores_and_watched_processes() -> None:
     # the spinning thread kept one core busy about half of the time or more
     assert host["busiest_core"]["core"] in host["cores_ms"]
     assert 0.3 <= host["busiest_core"]["utilization"] <= 1.2
+    # no spare core to look at (the devices own them all): nothing to tell
+    with backend.deploy(SPEC, stages) as deployment:
+        alone = measure(deployment, [(x,)], [(x,)], requests=4, warmup=1, spare_cores=())
+    assert alone.host["busiest_core"] is None and alone.host["cores_ms"]
     assert result.to_dict()["host"] == host

@@ -16,13 +16,13 @@ Definitions (DESIGN §5):
   reported only when every stage runs on the orchestrator's host (``Deployment.same_clock``).
 - **CPU per request** (``host``) over the throughput phase, its warm-up included, divided by the
   requests it completed: ``devices_ms`` per device (its worker's process CPU time, stages and
-  relays; empty in process), ``watched_ms`` per named process (``watch``: e.g. the delay forwarder), and
-  ``cores_ms`` per core of this host (``/proc/stat``: everything that ran there, the client and
-  any other process included; empty where there is no ``/proc/stat``), and ``busiest_core``:
-  the busiest of the ``spare_cores`` (where the host's own work runs beside the devices) and
-  its utilisation at the measured throughput (near 1: the host, not only the plan, set the
-  pace). Clock ticks are 10 ms,
-  so these need a phase of a few hundred requests or a few seconds to read well.
+  relays; empty in process), ``watched_ms`` per named process (``watch``: e.g. the delay
+  forwarder), ``cores_ms`` per core of this host (``/proc/stat``: everything that ran there,
+  the client and any other process included; empty where there is no ``/proc/stat``), and
+  ``busiest_core``: the busiest of the ``spare_cores`` (where the host's own work runs beside
+  the devices) and its utilisation at the measured throughput (near 1: the host, not only the
+  plan, set the pace). Clock ticks are 10 ms, so these need a phase of a few hundred requests
+  or a few seconds to read well.
 """
 
 from __future__ import annotations

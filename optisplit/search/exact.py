@@ -249,7 +249,8 @@ class _Solver:
 
     def _core_tables(self) -> None:
         """Per device, its share of each host core (``share``), its stages' CPU time
-        (``cpu[d][a, b]``), and the load every plan puts on the cores (``base``: the client)."""
+        (``cpu[d][a, b]``), and the load every plan puts on the cores (``base``: the client and
+        the forwarding of the input and the output)."""
         model, B, k = self.model, self.B, len(self.cores)
         self.share = np.zeros((self.n, k))
         self.helper = np.zeros(k)
@@ -294,7 +295,7 @@ class _Solver:
                 self.t_open[u, v, c, kind.slot] += ms
         if self.cores:
             self.t_open[u, v, c, self.m_links :] += (
-                self.model.forward_ms(nbytes, src, dst) * self.helper
+                self.model.forward_transfer_ms(nbytes, src, dst) * self.helper
             )
 
     def _rest_tables(self) -> list[np.ndarray]:
