@@ -237,3 +237,27 @@ def test_speed_check_sees_a_paced_device_at_its_speed() -> None:
     wall, cpu = checks._loop_seconds(inside, 0.1)
     assert cpu == pytest.approx(0.1, abs=0.02) and wall > 2 * cpu
     assert checks.within(checks.measure_device(inside), checks.expected_speed(0.25))
+
+
+class _CountingPacer(Pacer):
+    """A pacer that also records the CPU time of each piece of work it rested after."""
+
+    def __init__(self, speed: float) -> None:
+        super().__init__(speed)
+        self.works_ns: list[int] = []
+
+    def rest(self, cpu_ns: int, wall_ns: int | None = None) -> None:
+        self.works_ns.append(cpu_ns)
+        super().rest(cpu_ns, wall_ns)
+
+
+def test_a_paced_stage_rests_once_after_all_its_blocks() -> None:
+    blocks = [lambda *t: (_spin(0.004), *t)[1:] for _ in range(3)]
+    pacer = _CountingPacer(0.5)
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    out = PacedBlocks(blocks, pacer)(torch.ones(2))
+    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    assert torch.equal(out[0], torch.ones(2))
+    assert len(pacer.works_ns) == 1  # the blocks ran back to back, one rest for the stage
+    assert pacer.works_ns[0] / 1e9 >= 3 * 0.004
+    assert wall / cpu > 2.0 * 0.9  # half a core: twice the stage's CPU time
