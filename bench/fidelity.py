@@ -4,14 +4,16 @@ For each testbed (``local``: 2 devices, ``local3``: 3 devices), each model, each
 wifi, constrained) and each backend (socket, rpc): bring the emulated testbed up under that
 condition, search the exact front with the cost model, validate every front plan, and report
 latency and throughput MAPE, Spearman per objective and front precision/recall
-(``optisplit.compare``). Each model is profiled on every device inside its sandbox right before
-its first cases on a testbed, by default with the CPU clock (immune to other processes on a
-shared host; the cost model divides CPU-clock times by the device's CPU quota); a profile that
-wandered (``BlockProfile.wander``: the host slowed down during it) is taken again, at most twice.
+(``optisplit.compare``). Each model is profiled on every device inside its sandbox, the devices
+all at once, right before the model's cases under each condition (this host's cores drift by
+5-10 % over tens of seconds, so a profile taken one condition earlier misleads), by default with
+the CPU clock (immune to other processes on a shared host; the cost model divides CPU-clock times
+by the device's CPU quota); a profile that wandered (``BlockProfile.wander``: the host slowed down
+during it) is taken again, at most twice.
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
         [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
-        [--window 2] [--repeats 40] [--spread 20] [--clock cpu] [--reprofile | --reuse-profiles]
+        [--window 2] [--repeats 40] [--spread 30] [--clock cpu] [--profile-once | --reuse-profiles]
 
 Each device's profile is spread over ``--spread`` seconds and every front plan is validated in
 ``--rounds`` interleaved rounds (this host's speed wanders by 10-20 % over seconds), each
@@ -81,7 +83,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--spread",
         type=float,
-        default=20.0,
+        default=30.0,
         help="seconds each device's profile is spread over (optisplit profile --spread)",
     )
     parser.add_argument(
@@ -98,10 +100,10 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument("--profiles", default=None, help="default: bench/results/profiles-CLOCK")
     parser.add_argument(
-        "--reprofile",
+        "--profile-once",
         action="store_true",
-        help="profile again before each condition (default: once per testbed, each model "
-        "right before its first cases)",
+        help="profile each model once per testbed (default: again before each condition, "
+        "right before the model's cases: this host's speed drifts over minutes)",
     )
     parser.add_argument(
         "--reuse-profiles",
@@ -121,20 +123,32 @@ def _args() -> argparse.Namespace:
 def _profile(
     bed: Testbed, model: str, root: str, reprofile: bool, args: argparse.Namespace
 ) -> None:
-    """Profile ``model`` on every device inside its sandbox (the testbed is up)."""
-    for device in sorted({d.profile for d in bed.devices.values()}):
-        if profile_path(root, device, model, 1).is_file() and not reprofile:
-            continue
-        argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
-        argv += ["--testbed", str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml")]
-        argv += ["--out", root, "--clock", args.clock, "--repeats", str(args.repeats)]
-        argv += ["--spread", str(args.spread), "--json"]
-        for _ in range(1 + _PROFILE_RETRIES):
-            subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    """Profile ``model`` on every device inside its sandbox (the testbed is up), all devices at
+    once: their rounds spread over the same seconds, so they see the host at the same speed
+    (run one after another, two devices pinned to one core here differed by 17 %)."""
+    todo = sorted({d.profile for d in bed.devices.values()})
+    if not reprofile:
+        todo = [d for d in todo if not profile_path(root, d, model, 1).is_file()]
+    for _ in range(1 + _PROFILE_RETRIES):
+        if not todo:
+            return
+        running = []
+        for device in todo:
+            argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
+            argv += ["--testbed", str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml")]
+            argv += ["--out", root, "--clock", args.clock, "--repeats", str(args.repeats)]
+            argv += ["--spread", str(args.spread), "--json"]
+            running.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL))
+        for proc in running:
+            if proc.wait() != 0:
+                raise SystemExit(f"profiling {model} failed (exit status {proc.returncode})")
+        wandered = []
+        for device in todo:
             wander = load_profile(profile_path(root, device, model, 1)).wander
-            if wander is None or wander <= WANDER_WARN:
-                break
-            print(f"{model} on {device}: profile wandered by {100 * wander:.0f} %", flush=True)
+            if wander is not None and wander > WANDER_WARN:
+                print(f"{model} on {device}: profile wandered by {100 * wander:.0f} %", flush=True)
+                wandered.append(device)
+        todo = wandered
 
 
 def _case(
@@ -414,7 +428,7 @@ def main() -> int:
                         )
                         _print(rows[-1:])
                         _write(args, rows, started)  # as it goes: a long run keeps its rows
-                reprofile = args.reprofile  # profiled again before each condition, if asked
+                reprofile = not (args.profile_once or args.reuse_profiles)  # again next condition
         finally:
             if not was_up:
                 emulate.down(base.name)
