@@ -303,8 +303,8 @@ class CostModel:
     def _whole_factor(self, device: str, profile: BlockProfile) -> float:
         """``whole_ms / Σ block medians`` when ``Overheads.whole_model`` is on, else 1.
 
-        Always 1 on a paced device: its workers run a stage block by block, each followed by
-        its rest, just as the profiler timed the blocks.
+        Always 1 on a paced device: its workers run a stage's block modules one after another
+        (and rest once after them), just as the profiler timed the blocks.
         """
         total = profile.sum_ms
         if not self.overheads.whole_model or total <= 0 or profile.whole_ms <= 0:
