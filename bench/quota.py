@@ -2,7 +2,7 @@
 
 The emulated slow device of the ``local`` testbed gets half a core. This benchmark times one
 model's blocks, run one after another, on a bare core and then inside a half-core sandbox: under
-a CFS quota with several periods, and paced (``throttle: pace``: a rest after each block). Each
+a CFS quota with several periods, and paced (``throttle: pace``: one rest after the blocks). Each
 is timed back to back (a full pipeline) and with a 100 ms idle gap before each run (a lone
 request), in the wall clock, against the cost model's assumption of ``CPU time / 0.5``.
 

@@ -18,8 +18,8 @@ A testbed file ``profiles/testbeds/<name>.yaml`` (``schema_version: 1``)::
 ``scale`` multiplies its times (default 1.0). ``cores``, ``cpu_quota`` and ``throttle`` are for an
 emulated testbed: the cores a device is pinned to and the share of one core it gets, enforced
 either by a CFS ``quota`` (the default) or by ``pace`` (the device's processes rest after each
-block in proportion to its CPU time, see :mod:`optisplit.pace`). Links are full duplex: each direction carries
-``mbps`` on its own. A route between two devices is the path of least total RTT in the graph; it
+stage in proportion to its CPU time, see :mod:`optisplit.pace`). Links are full duplex: each
+direction carries ``mbps`` on its own. A route between two devices is the path of least total RTT in the graph; it
 may pass through switches and other devices.
 """
 
