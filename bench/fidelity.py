@@ -23,7 +23,10 @@ Right before each ``lan`` case the backend is calibrated (:mod:`optisplit.calibr
 or two over minutes here); ``wifi`` and ``constrained`` cases reuse the last calibration (the
 probe needs fast links). ``thr0 MAPE%`` is the throughput error of the
 same measurements against predictions without ``request_ms``, ``thr-h%`` without the shared
-host's per-core bound (as if each device were a machine of its own).
+host's per-core bound (as if each device were a machine of its own). ``thr ord%`` is the share
+of plan pairs measured in the predicted throughput order, over the pairs whose predicted
+throughputs differ by more than the case's round-against-round error (``rr thr%``): Spearman
+over a front of near-equal plans ranks the measurement's noise.
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -176,6 +180,10 @@ def _case(
     )
     for result, evaluation in zip(results, front):  # predictions with the probed overheads
         result["predicted"] = _objectives(evaluation)
+        for stage in (result.get("measured") or {}).get("stages", []):  # for diagnosis
+            stage["predicted_compute_ms"] = cost.compute_ms(
+                stage["device"], stage["start"], stage["end"]
+            )
     comparison = compare_plans(plans_from_results(results), backend=backend)
     # the same measurements against predictions without the per-request term, for its effect
     bare = load_cost_model(
@@ -242,8 +250,32 @@ def _diagnostics(cost: Any, results: list[dict[str, Any]], backend: str) -> dict
             "throughput_spearman": given.throughput_spearman,
         },
         "round_vs_round": dict(repeat or {}),
+        "resolved_pairs": _resolved_pairs(results, repeat),
         "host_full": _host_full(cost, results),
     }
+
+
+def _resolved_pairs(
+    results: list[dict[str, Any]], repeat: dict[str, Any] | None
+) -> dict[str, float | None]:
+    """Per objective, the share of plan pairs measured in the order the prediction puts them,
+    over the pairs whose predicted values differ by more than the measurement resolves (the
+    case's own round-against-round MAPE, at least 1 %). On a front whose plans' predicted
+    throughputs lie within a percent or two of each other, Spearman ranks noise; this asks
+    whether the measurement contradicts an order the prediction actually claims."""
+    ok = [r for r in results if r.get("measured") and not r.get("error")]
+    out: dict[str, float | None] = {}
+    for key, field in (("latency", "latency_ms"), ("throughput", "throughput_rps")):
+        tol = max(((repeat or {}).get(f"{key}_mape") or 0.0), 1.0) / 100
+        pairs = agree = 0
+        for a, b in itertools.combinations(ok, 2):
+            pa, pb = a["predicted"][field], b["predicted"][field]
+            if abs(pa - pb) <= tol * min(pa, pb):
+                continue
+            pairs += 1
+            agree += (pa < pb) == (a["measured"][field] < b["measured"][field])
+        out[key] = agree / pairs if pairs else None
+    return out
 
 
 def _host_full(cost: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -333,6 +365,10 @@ def _compute_mape(cost: Any, results: list[dict[str, Any]]) -> float | None:
     return sum(errors) / len(errors) if errors else None
 
 
+def _pct(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -341,7 +377,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
         f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'thr-h%':>6} "
-        f"{'lat rho':>7} {'thr rho':>7} "
+        f"{'lat rho':>7} {'thr rho':>7} {'thr ord%':>8} "
         f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'rr thr%':>7} "
         f"{'rr rho':>6} {'s':>6}"
     )
@@ -356,7 +392,9 @@ def _print(rows: list[dict[str, Any]]) -> None:
             f"{_fmt(r['without_request_ms']['throughput_mape'], '10.1f')} "
             f"{_fmt(r.get('without_host_cores', {}).get('throughput_mape'), '6.1f')} "
             f"{_fmt(r['latency_spearman'], '7.2f')} "
-            f"{_fmt(r['throughput_spearman'], '7.2f')} {_fmt(r['front_precision'], '5.2f')} "
+            f"{_fmt(r['throughput_spearman'], '7.2f')} "
+            f"{_fmt(_pct(r.get('resolved_pairs', {}).get('throughput')), '8.0f')} "
+            f"{_fmt(r['front_precision'], '5.2f')} "
             f"{_fmt(r['front_recall'], '6.2f')} {_fmt(r.get('compute_mape'), '9.1f')} "
             f"{_fmt(given.get('throughput_mape'), '6.1f')} "
             f"{_fmt(repeat.get('throughput_mape'), '7.1f')} "
