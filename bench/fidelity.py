@@ -330,20 +330,30 @@ def _rescore(path: str, args: argparse.Namespace) -> int:
 
 
 def _given_compute(cost: Any, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``results`` with predictions in which every stage computes for its measured time."""
+    """``results`` with predictions in which every stage computes for its measured time: its
+    latency-phase compute for the latency, its compute while streaming for the throughput."""
     out = []
     for result in results:
         measured = result.get("measured")
         if not measured:
             out.append(result)
             continue
-        table = {(s["device"], s["start"], s["end"]): s["compute_ms"] for s in measured["stages"]}
-        profiled = cost.compute_ms
-        cost.compute_ms = lambda d, a, b, t=table, f=profiled: t.get((d, a, b), f(d, a, b))
-        try:
-            predicted = _objectives(cost.evaluate(Plan.parse(result["plan"])))
-        finally:
-            del cost.compute_ms  # the profile's again
+        plan = Plan.parse(result["plan"])
+        predicted = {}
+        for key, field in (
+            ("compute_ms", "latency_ms"),
+            ("streaming_compute_ms", "throughput_rps"),
+        ):
+            table = {
+                (s["device"], s["start"], s["end"]): s.get(key, s["compute_ms"])
+                for s in measured["stages"]
+            }
+            profiled = cost.compute_ms
+            cost.compute_ms = lambda d, a, b, t=table, f=profiled: t.get((d, a, b), f(d, a, b))
+            try:
+                predicted[field] = _objectives(cost.evaluate(plan))[field]
+            finally:
+                del cost.compute_ms  # the profile's again
         out.append({**result, "predicted": predicted})
     return out
 

@@ -225,3 +225,16 @@ def test_cpu_per_request_of_cores_and_watched_processes() -> None:
         alone = measure(deployment, [(x,)], [(x,)], requests=4, warmup=1, spare_cores=())
     assert alone.host["busiest_core"] is None and alone.host["cores_ms"]
     assert result.to_dict()["host"] == host
+
+
+def test_stage_compute_while_streaming_is_measured_apart() -> None:
+    # two stages spinning in one process take turns on the interpreter lock while requests
+    # stream, and only one of them runs while a single request is in flight
+    backend = backend_class("inprocess")(builder=lambda spec, start, end: _Burn(10.0))
+    x = torch.arange(6.0).reshape(2, 3)
+    stages = [StagePlacement("a", 0, 1), StagePlacement("b", 1, 2)]
+    with backend.deploy(SPEC, stages) as deployment:
+        result = measure(deployment, [(x,)], [(x,)], requests=12, warmup=2, depth=2)
+    for stage in result.stages:
+        assert 9.0 <= stage["compute_ms"] <= 14.0
+        assert stage["streaming_compute_ms"] >= 1.2 * stage["compute_ms"]

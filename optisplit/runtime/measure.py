@@ -12,7 +12,8 @@ Definitions (DESIGN §5):
 - **correctness**: every output of every request is compared with the single-process model's
   output for the same input (``allclose``, rtol 1e-4, atol 1e-4 × the largest magnitude).
 - **per-stage compute** is the median of ``compute end - compute start`` on the stage's own clock
-  (latency phase); **hop times** are ``receive(i+1) - send(i)`` and need one clock, so they are
+  (latency phase), and ``streaming_compute_ms`` the same in the throughput phase, where the
+  stage shares its device's core with the pipeline's other work; **hop times** are ``receive(i+1) - send(i)`` and need one clock, so they are
   reported only when every stage runs on the orchestrator's host (``Deployment.same_clock``).
 - **CPU per request** (``host``) over the throughput phase, its warm-up included, divided by the
   requests it completed: ``devices_ms`` per device (its worker's process CPU time, stages and
@@ -199,7 +200,7 @@ def measure(
         requests=len(lat_rows) + len(tput_rows),
         outputs_match=checker.match,
         max_abs_diff=checker.max_abs_diff,
-        stages=_stage_summary(deployment, lat_rows, stats),
+        stages=_stage_summary(deployment, lat_rows, tput_rows, stats),
         transfers=_transfer_summary(deployment, lat_rows, source, sink),
         devices=[s.device for s in deployment.stages],
         rows=lat_rows + tput_rows,
@@ -294,6 +295,10 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
             {
                 **stage,
                 "compute_ms": statistics.median(p.stages[j]["compute_ms"] for p in parts),
+                "streaming_compute_ms": statistics.median(
+                    p.stages[j].get("streaming_compute_ms", p.stages[j]["compute_ms"])
+                    for p in parts
+                ),
                 "cpu_percent": statistics.median(p.stages[j]["cpu_percent"] for p in parts),
                 "memory_bytes": max(p.stages[j]["memory_bytes"] for p in parts),
             }
@@ -440,20 +445,28 @@ def _throughput_phase(
 
 
 def _stage_summary(
-    deployment: Deployment, rows: list[list[Any]], stats: Sequence[Any]
+    deployment: Deployment,
+    rows: list[list[Any]],
+    streaming: list[list[Any]],
+    stats: Sequence[Any],
 ) -> list[dict[str, Any]]:
+    """Per stage: its median compute with one request in flight (``rows``) and while the
+    pipeline streams (``streaming``: the throughput phase, where its device's core may be
+    shared with the other stages' work)."""
     out = []
     for i, stage in enumerate(deployment.stages):
         if stage.relay:
             continue
         base = _SENT + 1 + STAMPS_PER_STAGE * i
         compute = [(r[base + 2] - r[base + 1]) * 1e3 for r in rows]
+        busy = [(r[base + 2] - r[base + 1]) * 1e3 for r in streaming] or compute
         out.append(
             {
                 "device": stage.device,
                 "start": stage.start,
                 "end": stage.end,
                 "compute_ms": statistics.median(compute),
+                "streaming_compute_ms": statistics.median(busy),
                 "cpu_percent": stats[i].cpu_percent,
                 "memory_bytes": stats[i].memory_bytes,
             }
