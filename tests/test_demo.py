@@ -113,8 +113,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     bed = _bed(tmp_path, "demoint")
+    # 4 rounds: a front of one plan still has 3 measurements of at least 2 s left to
+    # interrupt once the first one is written
     proc = subprocess.Popen(
-        _argv(tmp_path, bed, "d2"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*_argv(tmp_path, bed, "d2"), "--rounds", "4"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     deadline = time.monotonic() + 240
@@ -124,7 +129,8 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         if (tmp_path / "studies" / "d2").exists():
             break
         time.sleep(0.5)
-    time.sleep(1)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the demo ended before it could be interrupted"
     assert _namespaces("demoint"), "the testbed is up while validating"
     children = _children(proc.pid)
     assert children, "validation runs worker processes"
