@@ -8,7 +8,7 @@ pipeline, and time lost to other work on its core comes out of the rest rather t
 it. A CFS quota gives the same long-run share but not per block: a burst shorter than the
 quota's budget runs at full speed and a long run stalls at period boundaries, so one model's
 time in a quota sandbox depends on how it is called (``bench/quota.py`` measures this). Pacing
-makes a block's time the same in the profiler and in a worker, which is what the cost model
+makes the blocks' time the same in the profiler and in a worker, which is what the cost model
 needs.
 
 Pacing threads ask for tight timers, and the usual wake-up lateness of a sleep is taken off the

@@ -19,8 +19,8 @@ A testbed file ``profiles/testbeds/<name>.yaml`` (``schema_version: 1``)::
 emulated testbed: the cores a device is pinned to and the share of one core it gets, enforced
 either by a CFS ``quota`` (the default) or by ``pace`` (the device's processes rest after each
 stage in proportion to its CPU time, see :mod:`optisplit.pace`). Links are full duplex: each
-direction carries ``mbps`` on its own. A route between two devices is the path of least total RTT in the graph; it
-may pass through switches and other devices.
+direction carries ``mbps`` on its own. A route between two devices is the path of least total
+RTT in the graph; it may pass through switches and other devices.
 """
 
 from __future__ import annotations

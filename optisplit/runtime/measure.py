@@ -13,8 +13,9 @@ Definitions (DESIGN §5):
   output for the same input (``allclose``, rtol 1e-4, atol 1e-4 × the largest magnitude).
 - **per-stage compute** is the median of ``compute end - compute start`` on the stage's own clock
   (latency phase), and ``streaming_compute_ms`` the same in the throughput phase, where the
-  stage shares its device's core with the pipeline's other work; **hop times** are ``receive(i+1) - send(i)`` and need one clock, so they are
-  reported only when every stage runs on the orchestrator's host (``Deployment.same_clock``).
+  stage shares its device's core with the pipeline's other work; **hop times** are
+  ``receive(i+1) - send(i)`` and need one clock, so they are reported only when every stage
+  runs on the orchestrator's host (``Deployment.same_clock``).
 - **CPU per request** (``host``) over the throughput phase, its warm-up included, divided by the
   requests it completed: ``devices_ms`` per device (its worker's process CPU time, stages and
   relays; empty in process), ``watched_ms`` per named process (``watch``: e.g. the delay
@@ -296,8 +297,7 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
                 **stage,
                 "compute_ms": statistics.median(p.stages[j]["compute_ms"] for p in parts),
                 "streaming_compute_ms": statistics.median(
-                    p.stages[j].get("streaming_compute_ms", p.stages[j]["compute_ms"])
-                    for p in parts
+                    p.stages[j]["streaming_compute_ms"] for p in parts
                 ),
                 "cpu_percent": statistics.median(p.stages[j]["cpu_percent"] for p in parts),
                 "memory_bytes": max(p.stages[j]["memory_bytes"] for p in parts),
