@@ -129,7 +129,7 @@ def _profile(
 ) -> None:
     """Profile ``model`` on every device inside its sandbox (the testbed is up), all devices at
     once: their rounds spread over the same seconds, so they see the host at the same speed
-    (run one after another, two devices pinned to one core here differed by 17 %)."""
+    (run one after another, two devices pinned to one core caught it at different speeds)."""
     todo = sorted({d.profile for d in bed.devices.values()})
     if not reprofile:
         todo = [d for d in todo if not profile_path(root, d, model, 1).is_file()]
