@@ -129,13 +129,21 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         if (tmp_path / "studies" / "d2").exists():
             break
         time.sleep(0.5)
-    time.sleep(0.5)
+    time.sleep(1)
     assert proc.poll() is None, "the demo ended before it could be interrupted"
     assert _namespaces("demoint"), "the testbed is up while validating"
     children = _children(proc.pid)
     assert children, "validation runs worker processes"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it was, and leave no demo running
+        proc.kill()
+        _, err = proc.communicate()
+        from optisplit import emulate
+
+        emulate.down("demoint")
+        pytest.fail("the demo did not stop within 60 s of Ctrl-C: " + err.decode()[-2000:])
     assert proc.returncode == 130, err.decode()[-2000:]
     assert _namespaces("demoint") == []
     assert not (tmp_path / "studies" / "d2").exists()
