@@ -120,6 +120,9 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # as a terminal starts it: a suite run in the background (``cmd &``) ignores SIGINT, and
+        # its children would inherit that and never see the Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     deadline = time.monotonic() + 240
