@@ -143,9 +143,15 @@ def _profile(
             argv += ["--out", root, "--clock", args.clock, "--repeats", str(args.repeats)]
             argv += ["--spread", str(args.spread), "--json"]
             running.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL))
-        for proc in running:
-            if proc.wait() != 0:
-                raise SystemExit(f"profiling {model} failed (exit status {proc.returncode})")
+        try:
+            for proc in running:
+                if proc.wait() != 0:
+                    raise SystemExit(f"profiling {model} failed (exit status {proc.returncode})")
+        finally:  # a failed or interrupted profile stops the others: none runs on unseen
+            for proc in running:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
         wandered = []
         for device in todo:
             wander = load_profile(profile_path(root, device, model, 1)).wander
