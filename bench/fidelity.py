@@ -9,7 +9,8 @@ all at once, right before the model's cases under each condition (this host's co
 5-10 % over tens of seconds, so a profile taken one condition earlier misleads), by default with
 the CPU clock (immune to other processes on a shared host; the cost model divides CPU-clock times
 by the device's CPU quota); a profile that wandered (``BlockProfile.wander``: the host slowed down
-during it) is taken again, at most twice.
+during it) is taken again, at most twice, and so are all of them when the devices' CPU-clock
+profiles disagree by more than ``CPU_CLOCK_AGREE`` (they time the same silicon).
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
         [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
@@ -51,8 +52,14 @@ from optisplit import emulate  # noqa: E402
 from optisplit.calibrate import calibrate_overheads  # noqa: E402
 from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
 from optisplit.cost import Overheads, load_cost_model  # noqa: E402
+from optisplit.pareto import DEFAULT_EPSILON, pareto_front, thin_front  # noqa: E402
 from optisplit.plan import Plan  # noqa: E402
-from optisplit.profile import load_profile, profile_path  # noqa: E402
+from optisplit.profile import (  # noqa: E402
+    CPU_CLOCK_AGREE,
+    cpu_clock_disagreement,
+    load_profile,
+    profile_path,
+)
 from optisplit.profiler import WANDER_WARN  # noqa: E402
 from optisplit.search import get_engine  # noqa: E402
 from optisplit.testbed import Testbed, apply_condition, load_testbed  # noqa: E402
@@ -115,6 +122,12 @@ def _args() -> argparse.Namespace:
         help="use profiles found on disk instead of measuring them (quick reruns; they drift)",
     )
     parser.add_argument("--skip-checks", action="store_true", help="do not probe the testbed")
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=DEFAULT_EPSILON,
+        help="margin of the thinned front the eps columns report on (default: %(default)s)",
+    )
     parser.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     parser.add_argument(
         "--rescore",
@@ -159,6 +172,13 @@ def _profile(
                 print(f"{model} on {device}: profile wandered by {100 * wander:.0f} %", flush=True)
                 wandered.append(device)
         todo = wandered
+        every = sorted({d.profile for d in bed.devices.values()})
+        gap = cpu_clock_disagreement(
+            [load_profile(profile_path(root, d, model, 1)) for d in every]
+        )
+        if gap is not None and gap > CPU_CLOCK_AGREE:  # one of them caught the host slow
+            print(f"{model}: the devices' profiles disagree by {100 * gap:.0f} %", flush=True)
+            todo = every
 
 
 def _case(
@@ -233,7 +253,7 @@ def _case(
             "throughput_mape": without_cores.throughput_mape,
             "throughput_spearman": without_cores.throughput_spearman,
         },
-        **_diagnostics(cost, results, backend),
+        **_diagnostics(cost, results, backend, args.epsilon),
         "front_precision": comparison.front_precision,
         "front_recall": comparison.front_recall,
         "seconds": round(time.monotonic() - start, 1),
@@ -241,14 +261,32 @@ def _case(
     }
 
 
-def _diagnostics(cost: Any, results: list[dict[str, Any]], backend: str) -> dict[str, Any]:
+def _diagnostics(
+    cost: Any, results: list[dict[str, Any]], backend: str, epsilon: float
+) -> dict[str, Any]:
     """Errors that tell the model's share from the host's: the same measurements against
     predictions from each stage's measured compute (what is left is not the devices' speed
     drifting between profile and run), and round against round (``compare``'s repeatability:
-    how well the measurement agrees with itself)."""
+    how well the measurement agrees with itself). Also the figures over the thinned front
+    (``thin_front``: what ``optisplit search`` and ``demo`` show by default), a subset of the
+    plans measured."""
     given = compare_plans(plans_from_results(_given_compute(cost, results)), backend=backend)
     repeat = compare_plans(plans_from_results(results), backend=backend).repeatability
+    evaluations = {r["plan"]: cost.evaluate(Plan.parse(r["plan"])) for r in results}
+    kept = {str(e.plan) for e in thin_front(pareto_front(list(evaluations.values())), epsilon)}
+    thinned = compare_plans(
+        plans_from_results([r for r in results if r["plan"] in kept]), backend=backend
+    )
     return {
+        "thinned": {
+            "epsilon": epsilon,
+            "plans": len(kept),
+            "latency_mape": thinned.latency_mape,
+            "throughput_mape": thinned.throughput_mape,
+            "latency_spearman": thinned.latency_spearman,
+            "throughput_spearman": thinned.throughput_spearman,
+            "round_vs_round": dict(thinned.repeatability or {}),
+        },
         "given_measured_compute": {
             "latency_mape": given.latency_mape,
             "throughput_mape": given.throughput_mape,
@@ -328,7 +366,7 @@ def _rescore(path: str, args: argparse.Namespace) -> int:
         cost = load_cost_model(
             case["model"], bed, profiles_root=args.profiles, overheads=overheads
         )
-        case.update(_diagnostics(cost, case["results"], case["backend"]))
+        case.update(_diagnostics(cost, case["results"], case["backend"], args.epsilon))
     Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     _print(doc["cases"])
     _print_host_full(doc["cases"])
@@ -395,12 +433,14 @@ def _print(rows: list[dict[str, Any]]) -> None:
         f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'thr-h%':>6} "
         f"{'lat rho':>7} {'thr rho':>7} {'thr ord%':>8} "
         f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'rr thr%':>7} "
-        f"{'rr rho':>6} {'s':>6}"
+        f"{'rr rho':>6} {'eps n':>5} {'eps lat%':>8} {'eps thr%':>8} {'eps lrho':>8} "
+        f"{'eps trho':>8} {'s':>6}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         given, repeat = r.get("given_measured_compute", {}), r.get("round_vs_round", {})
+        thin = r.get("thinned", {})
         print(
             f"{r['testbed']:8} {r['condition']:12} {r['model']:13} {r['backend']:7} "
             f"{r['plans']:>5} {_fmt(r['latency_mape'], '9.1f')} "
@@ -414,7 +454,11 @@ def _print(rows: list[dict[str, Any]]) -> None:
             f"{_fmt(r['front_recall'], '6.2f')} {_fmt(r.get('compute_mape'), '9.1f')} "
             f"{_fmt(given.get('throughput_mape'), '6.1f')} "
             f"{_fmt(repeat.get('throughput_mape'), '7.1f')} "
-            f"{_fmt(repeat.get('throughput_spearman'), '6.2f')} {r['seconds']:>6}"
+            f"{_fmt(repeat.get('throughput_spearman'), '6.2f')} "
+            f"{_fmt(thin.get('plans'), '5d')} {_fmt(thin.get('latency_mape'), '8.1f')} "
+            f"{_fmt(thin.get('throughput_mape'), '8.1f')} "
+            f"{_fmt(thin.get('latency_spearman'), '8.2f')} "
+            f"{_fmt(thin.get('throughput_spearman'), '8.2f')} {r['seconds']:>6}"
         )
 
 

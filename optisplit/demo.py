@@ -6,12 +6,14 @@
    speed joined by a shaped link); without root the devices are processes on loopback, and the
    emulation layer warns about it;
 2. profile the model on each device inside that device's sandbox (``optisplit profile --testbed``),
-   unless a profile measured there already exists;
+   all devices at once, unless a profile measured there already exists; profiled again when the
+   devices' CPU-clock profiles disagree (the host ran slow for one of them);
 3. calibrate the runtime backend's overheads on the testbed (``optisplit calibrate``; stored
    under ``<profiles>/overheads/``, where later searches of this testbed find it); a testbed
    whose links are too slow for the probe is predicted with the default overheads, with a
    warning;
-4. search the exact front with those overheads and record every front plan in a new study;
+4. search the exact front with those overheads, thin it to the plans the cost model can tell
+   apart (``--epsilon``), and record them in a new study;
 5. validate every front plan on the chosen runtime backend (measurements go into the study);
 6. compare predicted with measured and write the overlay plot and markdown report under
    ``<out>/<study>/``.
@@ -29,6 +31,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_TESTBED = "local"
+PROFILE_ATTEMPTS = 3
 STEPS = ("testbed", "profile", "calibrate", "search", "validate", "compare")
 
 StepCallback = Callable[[str, str], None]
@@ -77,6 +81,10 @@ class DemoResult:
     ``request_cpu_ms``, ``client_ms``, ``forward_ms``, ``forward_ms_per_mb``)."""
     calibrated: bool = False
     """Whether ``overheads`` were calibrated on the testbed (else the defaults)."""
+    epsilon: float = 0.0
+    """The margin the exact front was thinned within (``optisplit.pareto.thin_front``)."""
+    exact_front_size: int = 0
+    """Plans on the exact front before thinning."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``demo --json`` object."""
@@ -92,6 +100,8 @@ class DemoResult:
             "report": str(self.report),
             "plot": str(self.plot),
             "front": list(self.front),
+            "epsilon": self.epsilon,
+            "exact_front_size": self.exact_front_size,
             "latency_mape": c.latency_mape,
             "throughput_mape": c.throughput_mape,
             "latency_spearman": c.latency_spearman,
@@ -121,6 +131,7 @@ def run_demo(
     profile_repeats: int = 15,
     profile_spread_s: float = 10.0,
     reprofile: bool = False,
+    epsilon: float | None = None,
     study_name: str | None = None,
     check: bool = True,
     on_step: StepCallback | None = None,
@@ -128,14 +139,19 @@ def run_demo(
     """Run the whole demo (see the module docstring); returns where its outputs are.
 
     ``check=False`` skips the emulated testbed's probes against its spec (a busy host fails
-    them); the measurements may then be off spec.
+    them); the measurements may then be off spec. ``epsilon`` thins the exact front before it
+    is validated (:func:`optisplit.pareto.thin_front`; None: ``DEFAULT_EPSILON``, 0: every
+    plan).
 
     Raises:
         OptisplitError: a step failed (nothing of this run is left behind).
     """
     from optisplit import emulate, store
+    from optisplit.pareto import DEFAULT_EPSILON
     from optisplit.testbed import load_testbed, testbed_path
 
+    if epsilon is None:
+        epsilon = DEFAULT_EPSILON
     bed = load_testbed(testbed, root=profiles_root)
     if Path(testbed).suffix not in (".yaml", ".yml"):
         testbed = str(testbed_path(testbed, root=profiles_root))
@@ -166,6 +182,7 @@ def run_demo(
                 profile_repeats=profile_repeats,
                 profile_spread_s=profile_spread_s,
                 reprofile=reprofile,
+                epsilon=epsilon,
                 step=step,
                 seconds=seconds,
             )
@@ -191,6 +208,7 @@ def _run_steps(
     profile_repeats: int,
     profile_spread_s: float,
     reprofile: bool,
+    epsilon: float,
     step: StepCallback,
     seconds: dict[str, float],
 ) -> DemoResult:
@@ -203,17 +221,16 @@ def _run_steps(
 
     emulated = emulate.is_up(bed)
     with _timed(seconds, "profile"):
-        for device in sorted({d.profile for d in bed.devices.values()}):
-            step("profile", f"profiling {model} on {device}")
-            _profile(
-                model,
-                testbed_file,
-                device,
-                profiles_root,
-                repeats=profile_repeats,
-                spread_s=profile_spread_s,
-                reprofile=reprofile,
-            )
+        _profile_devices(
+            model,
+            bed,
+            testbed_file,
+            profiles_root,
+            repeats=profile_repeats,
+            spread_s=profile_spread_s,
+            reprofile=reprofile,
+            step=step,
+        )
     with _timed(seconds, "calibrate"):
         step("calibrate", f"calibrating the {backend} runtime's overheads")
         calibration: Calibration | None = None
@@ -228,7 +245,9 @@ def _run_steps(
     overheads = Overheads() if calibration is None else calibration.overheads()
     with _timed(seconds, "search"):
         step("search", "searching the exact front")
-        study, front = _search(model, bed, url, name, profiles_root, overheads)
+        study, front, exact_size = _search(
+            model, bed, url, name, profiles_root, overheads, epsilon
+        )
     with _timed(seconds, "validate"):
         step("validate", f"validating {len(front)} plans ({backend})")
         validate_plans(
@@ -276,46 +295,116 @@ def _run_steps(
             "forward_ms_per_mb": overheads.forward_ms_per_mb,
         },
         calibrated=calibration is not None,
+        epsilon=epsilon,
+        exact_front_size=exact_size,
     )
 
 
-def _profile(
+def _profile_devices(
     model: str,
+    bed: Testbed,
     bed_file: str,
-    device: str,
     root: str,
     *,
     repeats: int,
     spread_s: float,
     reprofile: bool,
+    step: StepCallback,
 ) -> None:
-    """Profile ``model`` on ``device`` inside its sandbox, unless its profile exists."""
-    from optisplit.profile import profile_path
+    """Profile ``model`` on every device of ``bed`` that lacks a profile (every device with
+    ``reprofile``), all at once inside their sandboxes, so that they time the host at the same
+    moment; then check that the devices' CPU-clock profiles agree.
 
-    path = profile_path(root, device, model, 1)
-    if path.is_file() and not reprofile:
-        log.info("reusing %s", path)
-        return
-    argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
-    argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats), "--clock", "cpu"]
-    argv += ["--spread", str(spread_s), "--json"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        raise OptisplitError(f"profiling {model} on {device} failed: {lines[-1]}")
+    All the devices run on this host's silicon, and the CPU clock times their work unpaced, so
+    their profiles should read alike. When the slowest device's whole-model time lies more than
+    ``CPU_CLOCK_AGREE`` above the fastest's, one of them caught the host in a slow spell: every
+    device is profiled again, up to ``PROFILE_ATTEMPTS`` times in all, then the demo goes on with
+    a warning.
+    """
+    from optisplit.profile import (
+        CPU_CLOCK_AGREE,
+        cpu_clock_disagreement,
+        load_profile,
+        profile_path,
+    )
+
+    devices = sorted({d.profile for d in bed.devices.values()})
+    paths = {d: profile_path(root, d, model, 1) for d in devices}
+    todo = devices if reprofile else [d for d in devices if not paths[d].is_file()]
+    for d in sorted(set(devices) - set(todo)):
+        log.info("reusing %s", paths[d])
+    gap: float | None = None
+    for attempt in range(PROFILE_ATTEMPTS):
+        if todo:
+            again = "" if attempt == 0 else " again"
+            step("profile", f"profiling {model}{again} on {', '.join(todo)}")
+            _profile_at_once(model, bed_file, todo, root, repeats=repeats, spread_s=spread_s)
+        gap = cpu_clock_disagreement([load_profile(paths[d]) for d in devices])
+        if gap is None or gap <= CPU_CLOCK_AGREE:
+            return
+        if attempt + 1 < PROFILE_ATTEMPTS:
+            log.warning(
+                "the devices' profiles of %s disagree by %.0f %% on this one host (it ran slow "
+                "for one of them): profiling every device again",
+                model,
+                100 * gap,
+            )
+        todo = devices
+    assert gap is not None
+    log.warning(
+        "the devices' profiles of %s still disagree by %.0f %% after %d attempts (this host's "
+        "speed is wandering): the predictions may be off by as much",
+        model,
+        100 * gap,
+        PROFILE_ATTEMPTS,
+    )
+
+
+def _profile_at_once(
+    model: str, bed_file: str, devices: list[str], root: str, *, repeats: int, spread_s: float
+) -> None:
+    """Profile ``model`` on ``devices`` inside their sandboxes, all at once (``optisplit profile
+    --testbed``). A failed or interrupted profiler stops the others."""
+    from optisplit.runtime.launcher import spawn, stop_process
+
+    running = {}
+    with contextlib.ExitStack() as files:
+        try:
+            for device in devices:
+                argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
+                argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats)]
+                argv += ["--clock", "cpu", "--spread", str(spread_s), "--json"]
+                err = files.enter_context(tempfile.TemporaryFile())
+                running[device] = (spawn(argv, stdout=subprocess.DEVNULL, stderr=err), err)
+            for device, (proc, err) in running.items():
+                if proc.wait() != 0:
+                    err.seek(0)
+                    text = err.read().decode(errors="replace").strip().splitlines()
+                    last = text[-1] if text else f"exit status {proc.returncode}"
+                    raise OptisplitError(f"profiling {model} on {device} failed: {last}")
+        finally:
+            for proc, _ in running.values():
+                stop_process(proc)
 
 
 def _search(
-    model: str, bed: Testbed, url: str, name: str, root: str, overheads: Overheads
-) -> tuple[Any, list[str]]:
+    model: str,
+    bed: Testbed,
+    url: str,
+    name: str,
+    root: str,
+    overheads: Overheads,
+    epsilon: float,
+) -> tuple[Any, list[str], int]:
     from optisplit import store
     from optisplit.cost import load_cost_model
+    from optisplit.pareto import thin_front
     from optisplit.search import get_engine
 
     cost = load_cost_model(model, bed, profiles_root=root, overheads=overheads)
     evaluated: list[Any] = []
     result = get_engine("exact")().run(cost, on_evaluate=evaluated.append)
-    front = [str(e.plan) for e in result.front]
+    front = [str(e.plan) for e in thin_front(result.front, epsilon)]
     attrs = {
         "model": model,
         "testbed": bed.name,
@@ -324,6 +413,7 @@ def _search(
         "condition": None,
         "profiles_root": root,
         "overheads": dataclasses.asdict(cost.overheads),
+        "epsilon": epsilon,
     }
     study = store.create_study(name, url, attrs=attrs)
     recorded = {str(e.plan) for e in evaluated}
@@ -333,7 +423,7 @@ def _search(
         engine="exact",
         front=front,
     )
-    return study, front
+    return study, front, len(result.front)
 
 
 @contextmanager

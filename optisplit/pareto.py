@@ -18,7 +18,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from optisplit.cost import Evaluation
 
-__all__ = ["hypervolume", "objective_key", "pareto_front", "reference_point"]
+__all__ = [
+    "DEFAULT_EPSILON",
+    "hypervolume",
+    "objective_key",
+    "pareto_front",
+    "reference_point",
+    "thin_front",
+]
+
+DEFAULT_EPSILON = 0.05
+"""The relative margin within which ``thin_front`` lets one plan stand for another: the accuracy
+the cost model aims at (5 % latency and throughput error), and about twice what two rounds of
+the same plan differ by on the emulated testbed."""
 
 
 def objective_key(value: float) -> float:
@@ -45,6 +57,58 @@ def pareto_front(evals: Sequence[Evaluation]) -> list[Evaluation]:
             front.append(evaluation)
             best = throughput
     return front
+
+
+def thin_front(front: Sequence[Evaluation], epsilon: float) -> list[Evaluation]:
+    """The fewest plans of ``front`` that stand for all of it within ``epsilon``.
+
+    Plan ``a`` stands for plan ``b`` when it is at most ``epsilon`` worse in each objective:
+    ``a.latency <= (1 + epsilon) * b.latency`` and ``a.throughput * (1 + epsilon) >=
+    b.throughput`` (an epsilon-cover; Laumanns et al., 2002). Plans that differ by less than
+    the cost model can resolve are then shown as one: on a two-device resnet18 testbed the exact
+    front held four plans within 1 % of each other's throughput, and their measured order
+    changed from one round to the next.
+
+    On a front (latency and throughput ascending together) each plan stands for a run of its
+    neighbours, so the smallest cover is found greedily: the first plan not yet covered is
+    covered by the plan that also covers the most plans after it (the earliest of those on a
+    tie). Every plan of ``front`` then lies within ``epsilon`` of a plan kept, and no smaller
+    subset of ``front`` does that.
+
+    Args:
+        front: a Pareto front, latency ascending (``pareto_front``).
+        epsilon: the relative margin, ``>= 0``; 0 keeps every plan.
+
+    Returns:
+        The plans kept, latency ascending.
+    """
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if epsilon == 0:
+        return list(front)
+
+    def covers(a: Evaluation, b: Evaluation) -> bool:
+        return (
+            a.latency_ms <= (1 + epsilon) * b.latency_ms
+            and a.throughput_rps * (1 + epsilon) >= b.throughput_rps
+        )
+
+    kept: list[Evaluation] = []
+    first = 0  # the first plan not yet covered
+    n = len(front)
+    while first < n:
+        best, reach = first, first
+        for i in range(first, n):
+            if not covers(front[i], front[first]):
+                break  # later plans are slower still
+            end = i
+            while end + 1 < n and covers(front[i], front[end + 1]):
+                end += 1
+            if end > reach:
+                best, reach = i, end
+        kept.append(front[best])
+        first = reach + 1
+    return kept
 
 
 # ----- front metrics ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,21 @@ from optisplit._io import atomic_write_text, read_json, write_json
 from optisplit.errors import ProfileError
 
 __all__ = [
+    "CPU_CLOCK_AGREE",
     "SCHEMA_VERSION",
     "BlockProfile",
     "BlockTiming",
+    "cpu_clock_disagreement",
     "load_profile",
     "profile_path",
     "save_profile",
 ]
 
 SCHEMA_VERSION = 1
+CPU_CLOCK_AGREE = 0.10
+"""How far apart (``cpu_clock_disagreement``) the CPU-clock profiles of one host's devices may
+lie before they are taken again: two devices profiled at the same moment here read within a few
+percent of each other."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,22 @@ def profile_path(
     """
     suffix = "" if granularity == "coarse" else f"-{granularity}"
     return Path(root) / "devices" / device / f"{model}-b{batch_size}{suffix}.json"
+
+
+def cpu_clock_disagreement(profiles: Sequence[BlockProfile]) -> float | None:
+    """How far apart the whole model's time lies in CPU-clock profiles of one host's devices:
+    slowest over fastest, less 1 (None for fewer than two profiles, or when any was timed on
+    another clock).
+
+    The CPU clock times a device's work unpaced, whatever its quota or pace, so the devices of an
+    emulated testbed, which all run on this host's silicon, should read alike. A gap marks a
+    profile taken while the host ran slow: on this VM one device read 34.4 ms where another, a
+    moment later, read 27.0 ms (27 % apart), and the next profile of the first read 26.3 ms.
+    """
+    if len(profiles) < 2 or any(p.provenance.get("clock") != "cpu" for p in profiles):
+        return None
+    times = [p.whole_ms for p in profiles]
+    return max(times) / min(times) - 1.0 if min(times) > 0 else None
 
 
 def load_profile(path: str | os.PathLike[str]) -> BlockProfile:

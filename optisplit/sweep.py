@@ -89,6 +89,8 @@ class Sweep:
     source: str
     engine: str
     conditions: tuple[ConditionResult, ...]
+    epsilon: float = 0.0
+    """The margin each front was thinned within (0: every plan of the front)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``sweep --json`` object."""
@@ -97,6 +99,7 @@ class Sweep:
             "testbed": self.testbed,
             "source": self.source,
             "engine": self.engine,
+            "epsilon": self.epsilon,
             "summary": [c.summary() for c in self.conditions],
             "conditions": [c.to_dict() for c in self.conditions],
         }
@@ -122,6 +125,7 @@ def run_sweep(
     measure: Measure | None = None,
     on_condition: Callable[[str], None] | None = None,
     backend: str | None = None,
+    epsilon: float = 0.0,
 ) -> Sweep:
     """Search the front of ``model_name`` on ``testbed`` under each condition.
 
@@ -138,12 +142,15 @@ def run_sweep(
         on_condition: called with each condition name before it runs (progress).
         backend: predict with this runtime's calibrated overheads where stored
             (:func:`optisplit.cost.load_cost_model`); None: the default overheads.
+        epsilon: thin each front to the fewest plans that stand for it within this relative
+            margin (:func:`optisplit.pareto.thin_front`; 0 keeps every plan).
 
     Raises:
         UsageError: an unknown condition or engine.
     """
     from optisplit.compare import compare_plans, plans_from_results
     from optisplit.cost import load_cost_model
+    from optisplit.pareto import thin_front
     from optisplit.search import get_engine
     from optisplit.testbed import apply_condition
 
@@ -161,7 +168,7 @@ def run_sweep(
             backend=backend,
         )
         found = engine_cls().run(model, budget=budget, seed=seed)
-        front = tuple(sorted(found.front, key=lambda e: e.latency_ms))
+        front = tuple(thin_front(sorted(found.front, key=lambda e: e.latency_ms), epsilon))
         comparison = None
         if measure is not None and front:
             measured = measure(conditioned, name, [e.plan for e in front])
@@ -179,7 +186,7 @@ def run_sweep(
                 comparison=comparison,
             )
         )
-    return Sweep(model_name, testbed.name, testbed.source, engine, tuple(results))
+    return Sweep(model_name, testbed.name, testbed.source, engine, tuple(results), epsilon)
 
 
 def front_points(

@@ -20,6 +20,8 @@ KEYS = {
     "reference_point",
     "study",
     "storage",
+    "epsilon",
+    "front_size",
     "front",
 }
 
@@ -107,6 +109,36 @@ def test_link_overrides_change_the_prediction(
     assert main(_search(root, *args, "--condition", "constrained")) == 0
     constrained = json.loads(capsys.readouterr().out)
     assert constrained["reference_point"] != base["reference_point"]
+
+
+def test_the_front_shown_and_stored_is_thinned_within_epsilon(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{root / 'studies.db'}"
+    assert (
+        main(_search(root, "--engine", "exact", "--epsilon", "0", "--study", "all", "--json")) == 0
+    )
+    whole = json.loads(capsys.readouterr().out)
+    assert len(whole["front"]) == whole["front_size"] >= 2 and whole["epsilon"] == 0
+    assert (
+        main(_search(root, "--engine", "exact", "--epsilon", "0.3", "--study", "thin", "--json"))
+        == 0
+    )
+    thin = json.loads(capsys.readouterr().out)
+    assert thin["front_size"] == whole["front_size"] and len(thin["front"]) < len(whole["front"])
+    assert thin["hypervolume"] == whole["hypervolume"]  # engines are scored on their whole front
+    for plan in whole["front"]:  # every plan of the front has one within 30 % in both objectives
+        assert any(
+            kept["latency_ms"] <= 1.3 * plan["latency_ms"]
+            and 1.3 * kept["throughput_rps"] >= plan["throughput_rps"]
+            for kept in thin["front"]
+        )
+    for name, report in (("all", whole), ("thin", thin)):  # the study holds what was shown
+        assert main(["show", name, "--storage", url, "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert [f["plan"] for f in shown["front"]] == [f["plan"] for f in report["front"]]
+    assert _exit_code(_search(root, "--epsilon", "-1", "--no-store")) == 2
+    assert "expected a number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,19 @@ def _children(pid: int) -> list[int]:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    from synthetic import synthetic_profile
+
+    from optisplit.profile import BlockProfile, load_profile, profile_path, save_profile
+
     bed = _bed(tmp_path, "demotest")
+    # a profile of one device timed while the host ran slow (20x): the demo, which reuses
+    # profiles, must notice that it disagrees with the other device's and profile both again
+    slow_path = profile_path(tmp_path / "profiles", "slow", "resnet18", 1)
+    seeded = synthetic_profile(1, model="resnet18", device="slow", times_ms=[600.0])
+    save_profile(
+        BlockProfile(**{**seeded.__dict__, "whole_ms": 600.0, "provenance": {"clock": "cpu"}}),
+        slow_path,
+    )
     out = subprocess.run(
         [*_argv(tmp_path, bed, "d1"), "--json"],
         cwd=ROOT,
@@ -86,6 +98,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "profiling every device again" in out.stderr
+    profiled = load_profile(slow_path)
+    assert profiled.n_blocks > 1 and profiled.whole_ms < 600.0
     doc = json.loads(out.stdout)
     assert doc["study"] == "d1" and doc["testbed"] == "demotest" and doc["emulated"]
     assert doc["front"], "the exact front is never empty"

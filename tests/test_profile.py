@@ -82,3 +82,18 @@ def test_wander_says_how_far_the_median_lies_above_the_10th_percentile() -> None
     assert with_p10(24.66).wander == pytest.approx((31.8 - 24.66) / 24.66)
     assert with_p10(31.8).wander == 0.0
     assert with_p10(None).wander is None and with_p10("x").wander is None
+
+
+def test_cpu_clock_profiles_of_one_host_are_compared_by_whole_model_time() -> None:
+    from optisplit.profile import cpu_clock_disagreement
+
+    def timed(whole: float, clock: str | None = "cpu") -> BlockProfile:
+        provenance = {} if clock is None else {"clock": clock}
+        return BlockProfile(**{**_profile().__dict__, "whole_ms": whole, "provenance": provenance})
+
+    assert cpu_clock_disagreement([timed(27.0), timed(34.4)]) == pytest.approx(34.4 / 27.0 - 1)
+    assert cpu_clock_disagreement([timed(30.0), timed(30.0), timed(33.0)]) == pytest.approx(0.1)
+    assert cpu_clock_disagreement([timed(30.0)]) is None  # nothing to compare
+    # a wall-clock profile counts quota throttling and rests: devices differ by design
+    assert cpu_clock_disagreement([timed(30.0), timed(60.0, "wall")]) is None
+    assert cpu_clock_disagreement([timed(30.0), timed(60.0, None)]) is None

@@ -86,6 +86,23 @@ def add_window_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_epsilon_flag(parser: argparse.ArgumentParser) -> None:
+    """``--epsilon``: thin the predicted front to plans the cost model can tell apart."""
+    from optisplit.pareto import DEFAULT_EPSILON
+
+    parser.add_argument(
+        "--epsilon",
+        type=non_negative_float,
+        default=DEFAULT_EPSILON,
+        metavar="E",
+        help=(
+            "keep the fewest front plans that stand for the whole front within this relative "
+            "margin in latency and throughput: plans closer than the cost model's accuracy "
+            "are shown as one (default: %(default)s; 0 keeps every plan of the front)"
+        ),
+    )
+
+
 def add_calibration_flags(parser: argparse.ArgumentParser, *, backend: bool = True) -> None:
     """``--backend`` (unless the command has its own) and ``--no-calibration``: which runtime's
     calibrated overheads (``optisplit calibrate``) predictions use, if any."""

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from optisplit.cli._common import (
+    add_epsilon_flag,
     add_json_flag,
     add_window_flag,
     non_negative_float,
@@ -64,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="spread each device's profile over this many seconds (default 10; see "
         "'optisplit profile --help')",
     )
+    add_epsilon_flag(parser)
     parser.add_argument(
         "--reprofile", action="store_true", help="measure profiles even when they exist"
     )
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             profile_repeats=args.repeats,
             profile_spread_s=args.spread,
             reprofile=args.reprofile,
+            epsilon=args.epsilon,
             study_name=args.study,
             check=not args.skip_checks,
             on_step=on_step,
@@ -142,6 +145,15 @@ def _print(result: DemoResult) -> None:
         ),
         ("front precision / recall", f"{_num(c.front_precision)} / {_num(c.front_recall)}"),
     ]
+    if len(result.front) < result.exact_front_size:
+        figures.insert(
+            0,
+            (
+                "plans validated",
+                f"{len(result.front)}, standing for the {result.exact_front_size} of the exact "
+                f"front within {result.epsilon:.0%} (--epsilon)",
+            ),
+        )
     if c.repeatability:  # the same figures between measuring rounds: the noise floor
         r = c.repeatability
         figures += [

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from optisplit.cli._common import (
     add_calibration_flags,
+    add_epsilon_flag,
     add_json_flag,
     calibration_backend,
     positive_float,
@@ -95,6 +96,7 @@ def register(subparsers: Any) -> None:
         "--no-store", action="store_true", help="do not record the search in a study"
     )
     parser.add_argument("--plot", metavar="PATH", default=None, help="write the front as an image")
+    add_epsilon_flag(parser)
     add_calibration_flags(parser)
     add_json_flag(parser)
     parser.set_defaults(func=_search)
@@ -102,12 +104,13 @@ def register(subparsers: Any) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     from optisplit import store
-    from optisplit.pareto import hypervolume, reference_point
+    from optisplit.pareto import hypervolume, reference_point, thin_front
 
     names = _engine_names(args.engine)
     model = _cost_model(args)
     study = None if args.no_store else _open_study(args, model, names)
     results = [_run(name, model, args, study) for name in names]
+    # engines are compared on their whole fronts; users are shown the plans the model tells apart
     reference = reference_point([r.front for r in results])
     reports = [
         {
@@ -118,7 +121,9 @@ def _search(args: argparse.Namespace) -> int:
             "reference_point": reference,
             "study": study.study_name if study is not None else None,
             "storage": store.storage_url(args.storage) if study is not None else None,
-            "front": [e.to_dict() for e in r.front],
+            "epsilon": args.epsilon,
+            "front_size": len(r.front),
+            "front": [e.to_dict() for e in thin_front(r.front, args.epsilon)],
         }
         for r in results
     ]
@@ -175,6 +180,7 @@ def _open_study(args: argparse.Namespace, model: CostModel, engines: list[str]) 
         "profiles_root": args.profiles,
         "backend": calibration_backend(args),
         "overheads": dataclasses.asdict(model.overheads),
+        "epsilon": args.epsilon,
     }
     return store.create_study(name, args.storage, attrs=attrs, resume=args.resume)
 
@@ -191,6 +197,7 @@ def _engine(name: str, args: argparse.Namespace) -> Any:
 def _run(name: str, model: CostModel, args: argparse.Namespace, study: Any) -> SearchResult:
     from optisplit import store
     from optisplit.cli._common import progress
+    from optisplit.pareto import thin_front
 
     engine = _engine(name, args)
     evaluated: list[Evaluation] = []
@@ -205,7 +212,7 @@ def _run(name: str, model: CostModel, args: argparse.Namespace, study: Any) -> S
             model, budget=args.budget, seed=args.seed, on_evaluate=on_evaluate
         )
     if study is not None:
-        front = [str(e.plan) for e in result.front]
+        front = [str(e.plan) for e in thin_front(result.front, args.epsilon)]
         store.record_evaluations(study, evaluated, engine=name, front=front)
     return result
 
@@ -213,11 +220,14 @@ def _run(name: str, model: CostModel, args: argparse.Namespace, study: Any) -> S
 def _print(results: list[SearchResult], reports: list[dict[str, Any]]) -> None:
     for result, report in zip(results, reports):
         rows = [
-            [str(e.plan), e.latency_ms, e.throughput_rps, _memory(e.memory_bytes)]
-            for e in result.front
+            [f["plan"], f["latency_ms"], f["throughput_rps"], _memory(f["memory_bytes"])]
+            for f in report["front"]
         ]
+        shown = f"{len(rows)} plans on the front"
+        if len(rows) < len(result.front):
+            shown += f" (standing for {len(result.front)} within {report['epsilon']:.0%})"
         title = (
-            f"{result.engine}: {len(result.front)} plans on the front, "
+            f"{result.engine}: {shown}, "
             f"{result.evaluations} evaluated in {result.seconds:.2f} s, "
             f"hypervolume {report['hypervolume']:.4f}"
         )

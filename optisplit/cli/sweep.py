@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from optisplit.cli._common import (
     add_calibration_flags,
+    add_epsilon_flag,
     add_json_flag,
     add_window_flag,
     positive_int,
@@ -84,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="with --validate on an emulated testbed: do not probe links and devices (busy hosts)",
     )
     parser.add_argument("--plot", default=None, help="figure path (default: studies/sweep-*.png)")
+    add_epsilon_flag(parser)
     add_calibration_flags(parser, backend=False)
     add_json_flag(parser)
     parser.set_defaults(func=run)
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 measure=measure,
                 on_condition=step,
                 backend=None if args.no_calibration else args.backend,
+                epsilon=args.epsilon,
             )
     finally:
         if emulated and not was_up:
