@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,8 @@ from optisplit import emulate  # noqa: E402
 from optisplit.calibrate import calibrate_overheads  # noqa: E402
 from optisplit.compare import compare_plans, plans_from_results  # noqa: E402
 from optisplit.cost import Overheads, load_cost_model  # noqa: E402
+from optisplit.demo import profile_at_once  # noqa: E402
+from optisplit.errors import OptisplitError  # noqa: E402
 from optisplit.pareto import DEFAULT_EPSILON, pareto_front, thin_front  # noqa: E402
 from optisplit.plan import Plan  # noqa: E402
 from optisplit.profile import (  # noqa: E402
@@ -149,22 +150,18 @@ def _profile(
     for _ in range(1 + _PROFILE_RETRIES):
         if not todo:
             return
-        running = []
-        for device in todo:
-            argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
-            argv += ["--testbed", str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml")]
-            argv += ["--out", root, "--clock", args.clock, "--repeats", str(args.repeats)]
-            argv += ["--spread", str(args.spread), "--json"]
-            running.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL))
         try:
-            for proc in running:
-                if proc.wait() != 0:
-                    raise SystemExit(f"profiling {model} failed (exit status {proc.returncode})")
-        finally:  # a failed or interrupted profile stops the others: none runs on unseen
-            for proc in running:
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait()
+            profile_at_once(
+                model,
+                str(ROOT / "profiles" / "testbeds" / f"{bed.name}.yaml"),
+                todo,
+                root,
+                repeats=args.repeats,
+                spread_s=args.spread,
+                clock=args.clock,
+            )
+        except OptisplitError as exc:
+            raise SystemExit(str(exc)) from None
         wandered = []
         for device in todo:
             wander = load_profile(profile_path(root, device, model, 1)).wander

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from optisplit.cost import Overheads
     from optisplit.testbed import Testbed
 
-__all__ = ["DEFAULT_MODEL", "DemoResult", "run_demo"]
+__all__ = ["DEFAULT_MODEL", "DemoResult", "profile_at_once", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def _profile_devices(
         if todo:
             again = "" if attempt == 0 else " again"
             step("profile", f"profiling {model}{again} on {', '.join(todo)}")
-            _profile_at_once(model, bed_file, todo, root, repeats=repeats, spread_s=spread_s)
+            profile_at_once(model, bed_file, todo, root, repeats=repeats, spread_s=spread_s)
         gap = cpu_clock_disagreement([load_profile(paths[d]) for d in devices])
         if gap is None or gap <= CPU_CLOCK_AGREE:
             return
@@ -360,11 +360,23 @@ def _profile_devices(
     )
 
 
-def _profile_at_once(
-    model: str, bed_file: str, devices: list[str], root: str, *, repeats: int, spread_s: float
+def profile_at_once(
+    model: str,
+    bed_file: str,
+    devices: list[str],
+    root: str,
+    *,
+    repeats: int,
+    spread_s: float,
+    clock: str = "cpu",
 ) -> None:
-    """Profile ``model`` on ``devices`` inside their sandboxes, all at once (``optisplit profile
-    --testbed``). A failed or interrupted profiler stops the others."""
+    """Profile ``model`` on ``devices`` of the testbed in ``bed_file`` inside their sandboxes,
+    all at once (``optisplit profile --testbed``), so that they time the host at the same
+    moment. A failed or interrupted profiler stops the others.
+
+    Raises:
+        OptisplitError: a profiler failed (its last line of error output is in the message).
+    """
     from optisplit.runtime.launcher import spawn, stop_process
 
     running = {}
@@ -373,7 +385,7 @@ def _profile_at_once(
             for device in devices:
                 argv = [sys.executable, "-m", "optisplit", "profile", model, "--device", device]
                 argv += ["--testbed", bed_file, "--out", root, "--repeats", str(repeats)]
-                argv += ["--clock", "cpu", "--spread", str(spread_s), "--json"]
+                argv += ["--clock", clock, "--spread", str(spread_s), "--json"]
                 err = files.enter_context(tempfile.TemporaryFile())
                 running[device] = (spawn(argv, stdout=subprocess.DEVNULL, stderr=err), err)
             for device, (proc, err) in running.items():

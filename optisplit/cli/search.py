@@ -104,12 +104,13 @@ def register(subparsers: Any) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     from optisplit import store
-    from optisplit.pareto import hypervolume, reference_point, thin_front
+    from optisplit.pareto import hypervolume, reference_point
 
     names = _engine_names(args.engine)
     model = _cost_model(args)
     study = None if args.no_store else _open_study(args, model, names)
-    results = [_run(name, model, args, study) for name in names]
+    runs = [_run(name, model, args, study) for name in names]
+    results = [result for result, _ in runs]
     # engines are compared on their whole fronts; users are shown the plans the model tells apart
     reference = reference_point([r.front for r in results])
     reports = [
@@ -123,9 +124,9 @@ def _search(args: argparse.Namespace) -> int:
             "storage": store.storage_url(args.storage) if study is not None else None,
             "epsilon": args.epsilon,
             "front_size": len(r.front),
-            "front": [e.to_dict() for e in thin_front(r.front, args.epsilon)],
+            "front": [e.to_dict() for e in shown],
         }
-        for r in results
+        for r, shown in runs
     ]
     if args.plot:
         _plot(results, Path(args.plot), title=f"{model.model} on {model.testbed.name}")
@@ -194,7 +195,11 @@ def _engine(name: str, args: argparse.Namespace) -> Any:
     return cls()
 
 
-def _run(name: str, model: CostModel, args: argparse.Namespace, study: Any) -> SearchResult:
+def _run(
+    name: str, model: CostModel, args: argparse.Namespace, study: Any
+) -> tuple[SearchResult, list[Evaluation]]:
+    """One engine's search, and the plans of its front shown (thinned within ``--epsilon``),
+    which the study records as its front."""
     from optisplit import store
     from optisplit.cli._common import progress
     from optisplit.pareto import thin_front
@@ -211,10 +216,10 @@ def _run(name: str, model: CostModel, args: argparse.Namespace, study: Any) -> S
         result: SearchResult = engine.run(
             model, budget=args.budget, seed=args.seed, on_evaluate=on_evaluate
         )
+    shown = thin_front(result.front, args.epsilon)
     if study is not None:
-        front = [str(e.plan) for e in thin_front(result.front, args.epsilon)]
-        store.record_evaluations(study, evaluated, engine=name, front=front)
-    return result
+        store.record_evaluations(study, evaluated, engine=name, front=[str(e.plan) for e in shown])
+    return result, shown
 
 
 def _print(results: list[SearchResult], reports: list[dict[str, Any]]) -> None:
