@@ -358,7 +358,9 @@ def _rescore(path: str, args: argparse.Namespace) -> int:
     """Add :func:`_diagnostics` to the cases of an earlier run's JSON and print its table."""
     doc = json.loads(Path(path).read_text())
     for case in doc["cases"]:
-        bed = apply_condition(load_testbed(case["testbed"]), case["condition"])
+        bed = apply_condition(
+            load_testbed(case["testbed"], root=str(ROOT / "profiles")), case["condition"]
+        )
         overheads = Overheads(**case["overheads"])
         cost = load_cost_model(
             case["model"], bed, profiles_root=args.profiles, overheads=overheads
@@ -498,7 +500,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     for name in args.testbeds.split(","):
-        base = load_testbed(name)
+        base = load_testbed(name, root=str(ROOT / "profiles"))
         was_up = emulate.is_up(base)
         try:
             emulate.up(apply_condition(base, "lan"), check=not args.skip_checks)
