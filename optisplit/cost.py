@@ -13,7 +13,11 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   Measured on the emulated testbed: mobilenet_v2 on a quota-0.5 device sums to 43.7 ms of block
   medians against 60.8 ms whole, and the stages ran 57-82 ms (``bench/fidelity.py``). A paced
   device (``throttle: pace``) runs its stages block by block, as its profile timed them, so
-  ``w = 1`` there.
+  ``w = 1`` there. A stage also pays its first block's start (``Overheads.stage_entry``):
+  ``+ scale(d_i) * (entry_ms - time_ms)`` of block ``c_{i-1}`` (at least 0; see
+  ``optisplit.profiler``): the block measured alone after a rest, on a fresh copy of its input,
+  as a stage starts when its input arrives. In the middle of the chain the block found the
+  previous one's output and caches at hand; a stage that starts there does not.
 * A profile timed with the CPU clock (provenance ``clock: cpu``: the thread's CPU time, immune to
   other processes on a shared host) measures work, not wall time; on a device limited to a CPU
   quota ``q`` (a fraction of one core; emulated devices) that work takes ``1 / min(q, 1)`` times
@@ -144,6 +148,7 @@ class Overheads:
     forward_ms: float = 0.0
     forward_ms_per_mb: float = 0.0
     request_cpu_ms: float | None = None
+    stage_entry: bool = True
 
     @property
     def cpu_per_request_ms(self) -> float:
@@ -157,7 +162,7 @@ class Overheads:
     @classmethod
     def none(cls) -> Overheads:
         """No overheads: the bare formulas of the design."""
-        return cls(message_ms=0.0, copy_gbps=0.0, buffers=0, whole_model=False)
+        return cls(message_ms=0.0, copy_gbps=0.0, buffers=0, whole_model=False, stage_entry=False)
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,15 @@ class CostModel:
         self._prefix = {
             d: tuple(itertools.accumulate(t, initial=0.0)) for d, t in self._times.items()
         }
+        self._entry = {
+            d: tuple(
+                (b.entry_cost_ms if self.overheads.stage_entry else 0.0)
+                * testbed.devices[d].scale
+                * self._quota_factor(d, profiles[d])
+                for b in profiles[d].blocks
+            )
+            for d in self.devices
+        }
         self.param_prefix = tuple(
             itertools.accumulate((b.param_bytes for b in reference.blocks), initial=0)
         )
@@ -352,9 +366,14 @@ class CostModel:
         """``P[c]`` = time of blocks ``0..c-1`` on ``device``; stage compute is ``P[b] - P[a]``."""
         return self._prefix[device]
 
+    def entry_costs(self, device: str) -> tuple[float, ...]:
+        """``E[a]``: what a stage on ``device`` that starts at block ``a`` pays for its start."""
+        return self._entry[device]
+
     def compute_ms(self, device: str, start: int, end: int) -> float:
+        """Compute of a stage over blocks ``start..end-1``: ``P[end] - P[start] + E[start]``."""
         prefix = self._prefix[device]
-        return prefix[end] - prefix[start]
+        return prefix[end] - prefix[start] + self._entry[device][start]
 
     def memory(self, start: int, end: int) -> int:
         """Memory of a stage running blocks ``start..end-1`` (same on every device)."""

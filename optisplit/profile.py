@@ -6,9 +6,14 @@ fine granularity; schema_version 1) holds::
     {"schema_version": 1, "device", "model", "batch_size", "threads", "granularity",
      "input_bytes", "output_bytes",
      "blocks": [{"index", "name", "time_ms", "time_p10_ms", "time_p90_ms",
-                 "out_bytes", "param_bytes", "mem_bytes"}, ...],
+                 "out_bytes", "param_bytes", "mem_bytes", "entry_ms"}, ...],
      "cuts": [{"index", "name", "bytes"}, ...],      # interior cuts 1..B-1
      "sum_ms", "whole_ms", "provenance": {...}}
+
+``entry_ms`` (optional; ``null`` or absent in older files) is the block's median time when it
+starts a stage: run alone after a rest, on a fresh copy of its input, as a pipeline stage runs
+when its input arrives from another device (``profiler``). ``time_ms`` is its time in the
+middle of the whole chain, right after the block that produced its input.
 
 Cut ``c`` separates blocks ``< c`` from blocks ``>= c``; its bytes are everything that crosses it
 (residual branches included), which can differ from the previous block's ``out_bytes``.
@@ -56,6 +61,17 @@ class BlockTiming:
     out_bytes: int
     param_bytes: int
     mem_bytes: int
+    entry_ms: float | None = None
+    """Median time when the block starts a stage (after a rest, on a fresh input); None when
+    not measured."""
+
+    @property
+    def entry_cost_ms(self) -> float:
+        """What starting a stage adds to the block's time: ``entry_ms - time_ms``, at least 0
+        (0 when not measured)."""
+        if self.entry_ms is None:
+            return 0.0
+        return max(self.entry_ms - self.time_ms, 0.0)
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,7 @@ class BlockProfile:
                 time_ms=b.time_ms * factor,
                 time_p10_ms=b.time_p10_ms * factor,
                 time_p90_ms=b.time_p90_ms * factor,
+                entry_ms=None if b.entry_ms is None else b.entry_ms * factor,
             )
             for b in self.blocks
         )
@@ -174,6 +191,7 @@ class BlockProfile:
                     out_bytes=int(b["out_bytes"]),
                     param_bytes=int(b["param_bytes"]),
                     mem_bytes=int(b["mem_bytes"]),
+                    entry_ms=_optional_ms(b.get("entry_ms")),
                 )
                 for b in doc["blocks"]
             )
@@ -196,6 +214,15 @@ class BlockProfile:
             raise ProfileError(f"{source}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise ProfileError(f"{source}: malformed field: {exc}") from None
+
+
+def _optional_ms(value: Any) -> float | None:
+    if value is None:
+        return None
+    ms = float(value)
+    if not ms >= 0 or ms == float("inf"):
+        raise ValueError(f"entry_ms must be a time in ms, got {value!r}")
+    return ms
 
 
 def profile_path(

@@ -13,6 +13,21 @@ worker's is (``runtime.stage.tune_allocator``), so blocks allocate their outputs
 tensor storages the block itself allocated and still holds alive (its outputs included; its inputs
 and the parameters excluded), counted per storage through a ``TorchDispatchMode`` in one extra,
 untimed run. Allocator caching and kernels' private scratch buffers are not included.
+
+``entry_ms`` (the block's time when it starts a stage): after each timed round's whole-model
+run, a few blocks in turn each run alone after a rest of ``ENTRY_REST_S``, on a fresh copy of
+the input they take in the chain, until every block has about ``ENTRY_SAMPLES`` such runs.
+``entry_ms`` is the block's median time plus the median of what each such run took beyond the
+block's time in the same round's chain (paired, so that the host's drift cancels out).
+A stage whose input arrives from another device starts like that: its core rested (or ran
+other work) while it waited, and its input was just written by the receiving thread. Here such
+a start cost resnet18's last residual block about 1 ms more than its 4-5 ms in the middle of
+the chain, and most mobilenet_v2 blocks past the first about 0.5 ms. Stages run after a rest
+took that much more than their blocks' summed times (``bench/entry.py``: resnet18 ``[11:15]``
+5.84 ms of CPU against 4.63 summed, 5.73 with its start), and so did stages that started at
+those blocks in pipelines on the emulated testbeds (``bench/fidelity.py``). The cost model
+adds ``entry_ms - time_ms`` to each stage at its first block. With a spread, rounds start
+after a rest, so block 0's ``time_ms`` already holds its start.
 """
 
 from __future__ import annotations
@@ -52,6 +67,12 @@ DEFAULT_REPEATS = 15
 DEFAULT_MAX_SECONDS = 10.0
 """Timed rounds stop early once they have taken this long (at least ``MIN_REPEATS`` rounds run)."""
 MIN_REPEATS = 5
+ENTRY_SAMPLES = 5
+"""Runs per block as the first block of a stage (``entry_ms``)."""
+ENTRY_REST_S = 0.02
+"""Rest before each such run: a device waiting for its input from another one rests about as
+long (a few ms of compute upstream plus a transfer); the start cost here grew with rests up to
+a few ms and stayed flat beyond."""
 WANDER_WARN = 0.10
 """A profile whose whole-model median lies this far above its 10th percentile gets a warning
 (``BlockProfile.wander``): steady devices here stay within 0.02."""
@@ -219,7 +240,7 @@ def profile_chain(
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            block_ms, whole_ms, mem = _measure(
+            block_ms, whole_ms, mem, entry_ms = _measure(
                 chain, warmup, repeats, timer, on_progress, max_seconds, pacer, spread_s
             )
     finally:
@@ -234,7 +255,7 @@ def profile_chain(
         settings["spread_s"] = spread_s
     if pace is not None:
         settings["pace"] = pace
-    profile = _build_profile(chain, device, settings, block_ms, whole_ms, mem)
+    profile = _build_profile(chain, device, settings, block_ms, whole_ms, mem, entry_ms)
     wander = profile.wander
     if wander is not None and wander > WANDER_WARN:
         _log.warning(
@@ -277,12 +298,16 @@ def _measure(
     max_seconds: float | None = None,
     pacer: Pacer | None = None,
     spread_s: float = 0.0,
-) -> tuple[list[list[float]], list[float], list[int]]:
-    """Interleaved timing rounds; returns per-block times, whole-model times, peak memory.
+) -> tuple[list[list[float]], list[float], list[int], list[list[float]]]:
+    """Interleaved timing rounds; returns per-block times, whole-model times, peak memory and
+    per block, what each of its runs as the first block of a stage took beyond its time in the
+    chain in the same round (see the module docstring): paired so that the host's drift from
+    round to round cancels out.
 
     With ``spread_s``, timed round ``k`` starts no earlier than ``k * spread_s / repeats``
-    seconds after the first, and its whole-model run half a round later: both then start after
-    a rest, as a stage does in a pipeline (its device waits for its input). Run right after the
+    seconds after the first (and a rest after the previous round's last run), and its
+    whole-model run half a round after it began: both then start after a rest, as a stage does
+    in a pipeline (its device waits for its input). Run right after the
     blocks, the whole model would find their weights and buffers in the caches: on this host
     such a warm run of mobilenet_v2 took 11.5 ms against 12.1 ms after a rest (resnet18: 27.8
     against 28.5; ``bench/rests.py``), and the cost model's ``whole_ms / Σ blocks`` would
@@ -292,9 +317,13 @@ def _measure(
     inputs = _capture_inputs(stages, chain.example_inputs)
     whole = _Timed(chain.model, chain.example_inputs, timer, pacer)
     block_ms: list[list[float]] = [[] for _ in stages]
+    entry_ms: list[list[float]] = [[] for _ in stages]
     whole_ms: list[float] = []
     total = warmup + repeats
     slot = spread_s / repeats
+    per_round = -(-ENTRY_SAMPLES * len(stages) // repeats)  # ceil: every block gets its runs
+    probed = 0
+    rest = 0.0
     gc.collect()
     gc.disable()
     deadline = None
@@ -308,22 +337,49 @@ def _measure(
                     deadline = first + spread_s + max_seconds
             if deadline is not None and timed >= MIN_REPEATS and time.monotonic() > deadline:
                 break
-            if timed > 0 and slot > 0:
-                _sleep_until(first + timed * slot)
+            if timed > 0 and slot > 0:  # (a round that ran long still leaves its rest)
+                _sleep_until(max(first + timed * slot, time.monotonic() + rest))
+            began = time.monotonic()
             times = _run_blocks(stages, chain.example_inputs, timer, pacer)
             if timed >= 0 and slot > 0:  # the whole model starts as cold as the blocks did
-                _sleep_until(first + (timed + 0.5) * slot)
+                _sleep_until(began + 0.5 * slot)
             ms = whole.run()
             if round_ >= warmup:
                 for i, t in enumerate(times):
                     block_ms[i].append(t)
                 whole_ms.append(ms)
+                probing = time.monotonic()
+                rest = ENTRY_REST_S  # before the next round's blocks, after these runs
+                for _ in range(per_round):
+                    block = probed % len(stages)
+                    ms = _run_entry(stages[block], inputs[block], timer, pacer)
+                    entry_ms[block].append(ms - times[block])  # against this round's chain
+                    probed += 1
+                if deadline is not None:  # the rounds' budget is for the rounds themselves
+                    deadline += time.monotonic() - probing
             if on_progress is not None:
                 on_progress(round_ + 1, total)
     finally:
         gc.enable()
     mem = [_peak_bytes(stage, args) for stage, args in zip(stages, inputs)]
-    return block_ms, whole_ms, mem
+    return block_ms, whole_ms, mem, entry_ms
+
+
+def _run_entry(
+    stage: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    timer: Callable[[], int],
+    pacer: Pacer | None,
+) -> float:
+    """One block run as the first block of a stage: after a rest, on a fresh copy of its input."""
+    time.sleep(ENTRY_REST_S)
+    fresh = tuple(t.clone() for t in args)
+    start = timer()
+    if pacer is None:
+        stage(*fresh)
+    else:
+        pacer.run(stage, *fresh)
+    return (timer() - start) / 1e6
 
 
 def _sleep_until(moment: float) -> None:
@@ -459,6 +515,7 @@ def _build_profile(
     block_ms: list[list[float]],
     whole_ms: list[float],
     mem: list[int],
+    entry_ms: list[list[float]] | None = None,
 ) -> BlockProfile:
     blocks = tuple(
         BlockTiming(
@@ -470,6 +527,11 @@ def _build_profile(
             out_bytes=chain.block_out_bytes(i),
             param_bytes=info.param_bytes,
             mem_bytes=mem[i],
+            entry_ms=(
+                _percentile(block_ms[i], 50) + _percentile(entry_ms[i], 50)
+                if entry_ms and entry_ms[i]
+                else None
+            ),
         )
         for i, info in enumerate(chain.blocks)
     )

@@ -40,6 +40,7 @@ def synthetic_profile(
     cut_bytes: Sequence[int] | None = None,
     param_bytes: Sequence[int] | None = None,
     mem_bytes: Sequence[int] | None = None,
+    entry_ms: Sequence[float | None] | None = None,
     seed: int = 0,
 ) -> BlockProfile:
     """A profile of ``n_blocks`` blocks; ``cut_bytes`` has ``n_blocks + 1`` entries (0..B).
@@ -75,6 +76,7 @@ def synthetic_profile(
             out_bytes=cuts[i + 1],
             param_bytes=params[i],
             mem_bytes=mems[i],
+            entry_ms=None if entry_ms is None else entry_ms[i],
         )
         for i in range(n_blocks)
     )
@@ -166,8 +168,13 @@ def random_cost_model(
     profiles = {}
     for i, name in enumerate(testbed.devices):
         # a few devices get their own (non-proportional) times, the others share the base chain
+        # (and a start cost per block: what a stage starting there adds)
+        times = [rng.uniform(1, 20) for _ in range(n_blocks)]
         own = synthetic_profile(
-            n_blocks, seed=seed, times_ms=[rng.uniform(1, 20) for _ in range(n_blocks)]
+            n_blocks,
+            seed=seed,
+            times_ms=times,
+            entry_ms=[t + rng.choice([0.0, rng.uniform(0, 6)]) for t in times],
         )
         profiles[name] = own if i % 2 else base
     return CostModel(testbed, profiles, overheads=overheads, depth=depth)

@@ -62,6 +62,33 @@ def test_message_and_copy_overheads() -> None:
     assert e.throughput_rps == pytest.approx(1000 / 27.01)
 
 
+def test_a_stage_pays_its_first_blocks_start() -> None:
+    # block 1 takes 20 ms in the chain and 23 ms as a stage's first block; block 0's start is
+    # in its time already (no entry measured), block 2 starts no slower than in the chain
+    profile = synthetic_profile(
+        3,
+        times_ms=[10, 20, 30],
+        cut_bytes=[125_000, 250_000, 12_500, 1_250],
+        entry_ms=[None, 23.0, 29.0],
+    )
+    testbed = two_device_testbed(rtt_ms=2.0, mbps=100.0, scale_b=0.5)
+    bare = Overheads.none()
+    with_entry = dataclasses.replace(bare, stage_entry=True)
+    model = CostModel(testbed, {"a": profile, "b": profile}, overheads=with_entry)
+    assert model.entry_costs("a") == pytest.approx((0.0, 3.0, 0.0))
+    assert model.entry_costs("b") == pytest.approx((0.0, 1.5, 0.0))  # scaled as its blocks
+    e = model.evaluate(Plan.parse("a[0:1] -> b[1:3]"))
+    assert [s.compute_ms for s in e.stages] == pytest.approx([10, 25 + 1.5])
+    assert e.latency_ms == pytest.approx(10 + 21 + 26.5 + 1.1)
+    assert e.throughput_rps == pytest.approx(1000 / 26.5)
+    # a stage from block 0 and one from block 2 pay nothing extra
+    assert model.evaluate(Plan.parse("a[0:3]")).latency_ms == pytest.approx(60)
+    assert model.compute_ms("a", 2, 3) == pytest.approx(30)
+    off = CostModel(testbed, {"a": profile, "b": profile}, overheads=bare)
+    assert off.entry_costs("b") == (0.0, 0.0, 0.0)
+    assert off.evaluate(Plan.parse("a[0:1] -> b[1:3]")).latency_ms == pytest.approx(57.1)
+
+
 def test_request_overhead_is_busy_time_not_latency() -> None:
     bare = _pair_model(Overheads.none(), depth=0)
     loaded = _pair_model(dataclasses.replace(Overheads.none(), request_ms=3.0), depth=0)

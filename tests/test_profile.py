@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +42,35 @@ def test_round_trip_and_csv(tmp_path: Path) -> None:
     assert csv[0].startswith("index,name,time_ms") and len(csv) == 4
     assert [profile.cut_bytes(c) for c in range(4)] == [64, 120, 260, 8]
     assert profile.sum_ms == pytest.approx(6.0)
+
+
+def test_entry_times_round_trip_scale_and_older_files_lack_them(tmp_path: Path) -> None:
+    profile = _profile()
+    timed = dataclasses.replace(
+        profile,
+        blocks=tuple(
+            dataclasses.replace(b, entry_ms=b.time_ms + 0.5 * b.index) for b in profile.blocks
+        ),
+    )
+    assert [b.entry_cost_ms for b in timed.blocks] == pytest.approx([0.0, 0.5, 1.0])
+    path = save_profile(timed, profile_path(tmp_path, "host", "toy", 2))
+    assert load_profile(path) == timed
+    assert "entry_ms" in path.with_suffix(".csv").read_text().splitlines()[0]
+    assert [b.entry_ms for b in timed.scaled(2.0, "pi").blocks] == pytest.approx([2.0, 5.0, 8.0])
+    # a block that starts a stage faster than in the chain costs nothing extra
+    quick = dataclasses.replace(profile.blocks[1], entry_ms=0.1)
+    assert quick.entry_cost_ms == 0.0
+    # files written before entry times were measured: no entry cost
+    doc = timed.to_dict()
+    for block in doc["blocks"]:
+        del block["entry_ms"]
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(doc))
+    assert all(b.entry_ms is None and b.entry_cost_ms == 0.0 for b in load_profile(older).blocks)
+    doc["blocks"][1]["entry_ms"] = -3
+    older.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="older.json: malformed field: entry_ms must be a time"):
+        load_profile(older)
 
 
 def test_scaled() -> None:

@@ -39,6 +39,7 @@ def test_profile_of_a_tiny_model(tmp_path: Path) -> None:
     ]
     for block in result.blocks:
         assert 0 < block.time_p10_ms <= block.time_ms <= block.time_p90_ms
+        assert block.entry_ms is not None and block.entry_ms > 0  # each block started stages
     stem = result.blocks[0]
     assert stem.out_bytes == 2 * 8 * 16 * 16 * 4 and stem.param_bytes == (8 * 3 * 9 + 8) * 4
     assert stem.mem_bytes >= stem.out_bytes
@@ -126,6 +127,39 @@ def test_spread_rests_before_the_whole_model_too(monkeypatch: pytest.MonkeyPatch
     gaps = [timed[i + 1][1] - timed[i][1] for i in range(0, len(timed), 2)]
     assert all(0.09 <= gap < 0.2 for gap in gaps), gaps
     assert events[1][1] - events[0][1] < 0.09
+
+
+def test_each_block_is_also_timed_as_a_stage_start_after_a_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from optisplit import profiler
+
+    runs: list[tuple[int, float]] = []  # (block, wall seconds of the call, its rest included)
+    inputs: list[tuple[torch.Tensor, ...]] = []
+    run_entry, capture = profiler._run_entry, profiler._capture_inputs
+
+    def capture_inputs(*args: object) -> list[tuple[torch.Tensor, ...]]:
+        inputs.extend(capture(*args))  # type: ignore[arg-type]
+        return inputs
+
+    def entry(stage: object, args: tuple[torch.Tensor, ...], *rest: object) -> float:
+        began = time.monotonic()
+        ms = run_entry(stage, args, *rest)  # type: ignore[arg-type]
+        runs.append((next(i for i, a in enumerate(inputs) if a is args), time.monotonic() - began))
+        return ms
+
+    monkeypatch.setattr(profiler, "_capture_inputs", capture_inputs)
+    monkeypatch.setattr(profiler, "_run_entry", entry)
+    result = profile_model(
+        "tiny", module="tests.models:tiny_cnn", device="box", warmup=1, repeats=6, clock="cpu"
+    )
+    n = result.n_blocks
+    blocks = [block for block, _ in runs]
+    # every block in turn on the input it takes in the chain, ENTRY_SAMPLES times each
+    assert blocks[: 2 * n] == list(range(n)) * 2
+    assert all(blocks.count(b) >= profiler.ENTRY_SAMPLES for b in range(n))
+    assert all(seconds >= profiler.ENTRY_REST_S for _, seconds in runs)
+    assert all(b.entry_ms is not None and b.entry_ms > 0 for b in result.blocks)
 
 
 def test_spread_spaces_the_timed_rounds_over_the_span() -> None:

@@ -136,6 +136,11 @@ class _Solver:
         self.m = self.m_links + len(self.cores)
         self._core_tables()
         self.prefix = [np.array(model.compute_prefix(d), dtype=_F) for d in self.devices]
+        # a stage from cut c to b computes P[b] - S[c], with S[c] = P[c] - E[c] (its start)
+        self.start = [
+            p - np.append(np.array(model.entry_costs(d), dtype=_F), 0.0)
+            for p, d in zip(self.prefix, self.devices)
+        ]
         self.memory = self._memory_matrix()
         self.stage = [self._stage_matrix(i) for i in range(self.n)]
         self._transfer_tables()
@@ -446,15 +451,15 @@ class _Solver:
     def _extend(self, rows: np.ndarray, d: int, store: _Store) -> np.ndarray:
         """Every stage on ``d`` from each row's cut to every later cut; non-dominated labels.
 
-        The latency at end cut ``b`` of a row starting at ``c`` is ``(L - P[c]) + P[b]``, so
-        one ordering of the rows by ``L - P[c]`` is the latency order of every column.
+        The latency at end cut ``b`` of a row starting at ``c`` is ``(L - S[c]) + P[b]``, so
+        one ordering of the rows by ``L - S[c]`` is the latency order of every column.
         """
-        prefix = self.prefix[d]
+        prefix, begin = self.prefix[d], self.start[d]
         still_open = bool(self.cores) or (self.m > 0 and bool(np.any(rows[:, 4:] > 0)))
         if not still_open:
             rows = rows[_same_cut_front(rows)]
         start = rows[:, 0].astype(np.intp)
-        rows = rows[np.lexsort((rows[:, 2], rows[:, 1] - prefix[start]))]
+        rows = rows[np.lexsort((rows[:, 2], rows[:, 1] - begin[start]))]
         c = rows[:, 0].astype(np.intp)
         parts = [self._columns(rows, c, d, lo, hi, still_open) for lo, hi in self._bands(c)]
         src = np.concatenate([p[0] for p in parts])
@@ -462,7 +467,7 @@ class _Solver:
         settled = np.concatenate([p[2] for p in parts])
         new = np.empty((src.shape[0], 4 + self.m))
         new[:, 0] = end
-        new[:, 1] = rows[src, 1] + (prefix[end] - prefix[c[src]])
+        new[:, 1] = rows[src, 1] + (prefix[end] - begin[c[src]])
         new[:, 2] = settled
         new[:, 3] = store.add(rows[src, 3], d, c[src], end)
         new[:, 4:] = rows[src, 4:]
