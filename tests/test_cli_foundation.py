@@ -82,11 +82,14 @@ def test_profile_writes_json_and_csv(capsys: pytest.CaptureFixture[str], tmp_pat
         "out_bytes",
         "param_bytes",
         "mem_bytes",
+        "entry_ms",
     }
+    assert all(b["entry_ms"] > 0 for b in doc["blocks"])
     path = tmp_path / "devices" / "box" / "tiny-b2.json"
     assert doc["path"] == str(path) and path.with_suffix(".csv").exists()
     assert main([*argv, "--out", str(tmp_path), "--granularity", "fine"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out and "start ms" in out
     assert (tmp_path / "devices" / "box" / "tiny-b1-fine.json").exists()
 
 

@@ -40,9 +40,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "profile",
         help="time every block of a model on this device and write its profile",
         description=(
-            "Per block the median, p10 and p90 time, output bytes, parameter bytes and peak "
-            "extra memory, plus the whole model timed in one piece (block and whole-model "
-            "rounds interleaved). Writes ROOT/devices/DEVICE/MODEL-bBATCH.json (-fine before "
+            "Per block the median, p10 and p90 time, its time as the first block of a stage "
+            "(after a rest, on a fresh input; 'start ms' is what that adds), output bytes, "
+            "parameter bytes and peak extra memory, plus the whole model timed in one piece "
+            "(block and whole-model rounds interleaved). Writes ROOT/devices/DEVICE/MODEL-bBATCH.json (-fine before "
             ".json at fine granularity) and the same table as .csv. With --testbed, runs "
             "inside DEVICE's emulated sandbox (CPU quota, cores) when that testbed is up."
         ),
@@ -201,14 +202,24 @@ def _inner_argv(args: argparse.Namespace) -> list[str]:
 
 def _print_profile(result: BlockProfile, path: Path) -> None:
     rows = [
-        [b.index, b.name, b.time_ms, b.time_p10_ms, b.time_p90_ms, b.out_bytes, b.mem_bytes]
+        [
+            b.index,
+            b.name,
+            b.time_ms,
+            b.time_p10_ms,
+            b.time_p90_ms,
+            b.entry_cost_ms,
+            b.out_bytes,
+            b.mem_bytes,
+        ]
         for b in result.blocks
     ]
     title = (
         f"{result.model} on {result.device} (batch {result.batch_size}, "
         f"{result.threads} thread(s), {result.granularity})"
     )
-    columns = ["block", "name", "ms", "p10 ms", "p90 ms", "out bytes", "mem bytes"]
+    # start ms: what the block adds when it starts a stage (entry_ms - time_ms)
+    columns = ["block", "name", "ms", "p10 ms", "p90 ms", "start ms", "out bytes", "mem bytes"]
     print_table(columns, rows, title=title)
     ratio = result.sum_ms / result.whole_ms if result.whole_ms > 0 else float("nan")
     print(
