@@ -29,11 +29,12 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +48,23 @@ if TYPE_CHECKING:
     from optisplit.cost import Overheads
     from optisplit.testbed import Testbed
 
-__all__ = ["DEFAULT_MODEL", "DemoResult", "profile_at_once", "run_demo"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DRIFT_WARN",
+    "DemoResult",
+    "compute_drift",
+    "profile_at_once",
+    "run_demo",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_TESTBED = "local"
 PROFILE_ATTEMPTS = 3
+DRIFT_WARN = 0.10
+"""A compute drift (``DemoResult.compute_drift``) beyond this gets a warning: the stages of one
+validation here ran within a few percent of their profiles when the host kept its speed."""
 STEPS = ("testbed", "profile", "calibrate", "search", "validate", "compare")
 
 StepCallback = Callable[[str, str], None]
@@ -85,6 +96,10 @@ class DemoResult:
     """The margin the exact front was thinned within (``optisplit.pareto.thin_front``)."""
     exact_front_size: int = 0
     """Plans on the exact front before thinning."""
+    compute_drift: float | None = None
+    """How far the stages' measured compute lay from the profiles' prediction (median of
+    measured / predicted - 1 over the measured stages; :func:`compute_drift`): beyond
+    ``DRIFT_WARN`` the host's speed changed between profiling and validation."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``demo --json`` object."""
@@ -102,6 +117,7 @@ class DemoResult:
             "front": list(self.front),
             "epsilon": self.epsilon,
             "exact_front_size": self.exact_front_size,
+            "compute_drift": self.compute_drift,
             "latency_mape": c.latency_mape,
             "throughput_mape": c.throughput_mape,
             "latency_spearman": c.latency_spearman,
@@ -215,7 +231,7 @@ def _run_steps(
     from optisplit import emulate, store
     from optisplit.calibrate import calibrate_overheads, save_calibration
     from optisplit.compare import compare_study
-    from optisplit.cost import Overheads
+    from optisplit.cost import Overheads, load_cost_model
     from optisplit.report import plot_comparison, write_comparison_report
     from optisplit.validate import validate_plans
 
@@ -250,7 +266,7 @@ def _run_steps(
         )
     with _timed(seconds, "validate"):
         step("validate", f"validating {len(front)} plans ({backend})")
-        validate_plans(
+        results = validate_plans(
             model,
             bed,
             list(front),
@@ -272,6 +288,8 @@ def _run_steps(
         report = write_comparison_report(
             comparison, folder / f"compare-{backend}.md", plot_path=plot
         )
+    cost = load_cost_model(model, bed, profiles_root=profiles_root, overheads=overheads)
+    drift = compute_drift(results, cost.compute_ms)
     return DemoResult(
         model=model,
         testbed=bed.name,
@@ -297,7 +315,28 @@ def _run_steps(
         calibrated=calibration is not None,
         epsilon=epsilon,
         exact_front_size=exact_size,
+        compute_drift=drift,
     )
+
+
+def compute_drift(
+    results: Sequence[Mapping[str, Any]], predict: Callable[[str, int, int], float]
+) -> float | None:
+    """Median over the measured stages of ``compute_ms / predict(device, start, end) - 1``.
+
+    ``results`` are :func:`optisplit.validate.validate_plans` results (stages of failed plans
+    are skipped). A host whose speed changed between profiling and validation shows here as a
+    drift of the same sign on every stage; on this VM one demo's profiles caught a slow spell
+    (resnet18 42.6 ms against 28-32 ms) and every stage ran about a third faster than predicted.
+    None when no stage was measured.
+    """
+    ratios = []
+    for result in results:
+        for stage in (result.get("measured") or {}).get("stages", []):
+            predicted = predict(stage["device"], stage["start"], stage["end"])
+            if predicted > 0 and stage.get("compute_ms"):
+                ratios.append(stage["compute_ms"] / predicted - 1.0)
+    return statistics.median(ratios) if ratios else None
 
 
 def _profile_devices(

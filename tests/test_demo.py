@@ -106,6 +106,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert doc["front"], "the exact front is never empty"
     assert doc["latency_mape"] is not None and doc["throughput_mape"] is not None
     assert doc["repeatability"]["rounds"] == 2  # the demo measures in 2 rounds
+    # how far the stages ran from their profiles: a real figure, not a wild one
+    assert isinstance(doc["compute_drift"], float) and abs(doc["compute_drift"]) < 1.0
     # the runtime was calibrated on the testbed, and the study predicted with that calibration
     terms = {"message_ms", "handoff_ms", "request_ms", "request_cpu_ms", "client_ms", "forward_ms"}
     assert set(doc["overheads"]) == {*terms, "forward_ms_per_mb"}

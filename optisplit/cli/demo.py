@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(result: DemoResult) -> None:
+    from optisplit.demo import DRIFT_WARN
+
     c = result.comparison
     rows = [
         [
@@ -176,8 +178,19 @@ def _print(result: DemoResult) -> None:
                 f"forwarder {o['forward_ms']:.2f} ms + {o['forward_ms_per_mb']:.2f} ms/MB",
             )
         )
+    drift = result.compute_drift
+    if drift is not None:
+        figures.append(("stages' compute against their profiles", f"{drift:+.1%}"))
     for label, value in figures:
         print(f"{label}: {value}")
+    if drift is not None and abs(drift) > DRIFT_WARN:
+        print(
+            f"warning: the stages computed {abs(drift):.0%} "
+            f"{'slower' if drift > 0 else 'faster'} than their profiles said: this host's "
+            "speed changed between profiling and validation, and the errors above show it; "
+            "run the demo again with --reprofile",
+            file=sys.stderr,
+        )
     print(f"\nreport: {result.report}\nplot:   {result.plot}")
     print(f"study:  {result.study} in {result.storage}")
     print(f"open the dashboard: optisplit dashboard --storage {result.storage}")
