@@ -363,7 +363,8 @@ class CostModel:
         return self._times[device][block]
 
     def compute_prefix(self, device: str) -> tuple[float, ...]:
-        """``P[c]`` = time of blocks ``0..c-1`` on ``device``; stage compute is ``P[b] - P[a]``."""
+        """``P[c]`` = time of blocks ``0..c-1`` on ``device``; stage compute is
+        ``P[b] - P[a] + E[a]`` (:meth:`entry_costs`)."""
         return self._prefix[device]
 
     def entry_costs(self, device: str) -> tuple[float, ...]:

@@ -45,7 +45,7 @@ from optisplit.errors import OptisplitError, UsageError
 if TYPE_CHECKING:
     from optisplit.calibrate import Calibration
     from optisplit.compare import Comparison
-    from optisplit.cost import Overheads
+    from optisplit.cost import CostModel, Overheads
     from optisplit.testbed import Testbed
 
 __all__ = [
@@ -231,7 +231,7 @@ def _run_steps(
     from optisplit import emulate, store
     from optisplit.calibrate import calibrate_overheads, save_calibration
     from optisplit.compare import compare_study
-    from optisplit.cost import Overheads, load_cost_model
+    from optisplit.cost import Overheads
     from optisplit.report import plot_comparison, write_comparison_report
     from optisplit.validate import validate_plans
 
@@ -261,7 +261,7 @@ def _run_steps(
     overheads = Overheads() if calibration is None else calibration.overheads()
     with _timed(seconds, "search"):
         step("search", "searching the exact front")
-        study, front, exact_size = _search(
+        study, front, exact_size, cost = _search(
             model, bed, url, name, profiles_root, overheads, epsilon
         )
     with _timed(seconds, "validate"):
@@ -288,7 +288,6 @@ def _run_steps(
         report = write_comparison_report(
             comparison, folder / f"compare-{backend}.md", plot_path=plot
         )
-    cost = load_cost_model(model, bed, profiles_root=profiles_root, overheads=overheads)
     drift = compute_drift(results, cost.compute_ms)
     return DemoResult(
         model=model,
@@ -446,7 +445,7 @@ def _search(
     root: str,
     overheads: Overheads,
     epsilon: float,
-) -> tuple[Any, list[str], int]:
+) -> tuple[Any, list[str], int, CostModel]:
     from optisplit import store
     from optisplit.cost import load_cost_model
     from optisplit.pareto import thin_front
@@ -474,7 +473,7 @@ def _search(
         engine="exact",
         front=front,
     )
-    return study, front, len(result.front)
+    return study, front, len(result.front), cost
 
 
 @contextmanager
