@@ -240,7 +240,7 @@ def profile_chain(
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            block_ms, whole_ms, mem, entry_ms = _measure(
+            block_ms, whole_ms, mem, start_extra_ms = _measure(
                 chain, warmup, repeats, timer, on_progress, max_seconds, pacer, spread_s
             )
     finally:
@@ -255,7 +255,7 @@ def profile_chain(
         settings["spread_s"] = spread_s
     if pace is not None:
         settings["pace"] = pace
-    profile = _build_profile(chain, device, settings, block_ms, whole_ms, mem, entry_ms)
+    profile = _build_profile(chain, device, settings, block_ms, whole_ms, mem, start_extra_ms)
     wander = profile.wander
     if wander is not None and wander > WANDER_WARN:
         _log.warning(
@@ -317,7 +317,7 @@ def _measure(
     inputs = _capture_inputs(stages, chain.example_inputs)
     whole = _Timed(chain.model, chain.example_inputs, timer, pacer)
     block_ms: list[list[float]] = [[] for _ in stages]
-    entry_ms: list[list[float]] = [[] for _ in stages]
+    start_extra_ms: list[list[float]] = [[] for _ in stages]
     whole_ms: list[float] = []
     total = warmup + repeats
     slot = spread_s / repeats
@@ -352,8 +352,8 @@ def _measure(
                 rest = ENTRY_REST_S  # before the next round's blocks, after these runs
                 for _ in range(per_round):
                     block = probed % len(stages)
-                    ms = _run_entry(stages[block], inputs[block], timer, pacer)
-                    entry_ms[block].append(ms - times[block])  # against this round's chain
+                    started = _run_entry(stages[block], inputs[block], timer, pacer)
+                    start_extra_ms[block].append(started - times[block])  # vs this round's chain
                     probed += 1
                 if deadline is not None:  # the rounds' budget is for the rounds themselves
                     deadline += time.monotonic() - probing
@@ -362,7 +362,7 @@ def _measure(
     finally:
         gc.enable()
     mem = [_peak_bytes(stage, args) for stage, args in zip(stages, inputs)]
-    return block_ms, whole_ms, mem, entry_ms
+    return block_ms, whole_ms, mem, start_extra_ms
 
 
 def _run_entry(
@@ -375,10 +375,7 @@ def _run_entry(
     time.sleep(ENTRY_REST_S)
     fresh = tuple(t.clone() for t in args)
     start = timer()
-    if pacer is None:
-        stage(*fresh)
-    else:
-        pacer.run(stage, *fresh)
+    stage(*fresh) if pacer is None else pacer.run(stage, *fresh)
     return (timer() - start) / 1e6
 
 
@@ -515,7 +512,7 @@ def _build_profile(
     block_ms: list[list[float]],
     whole_ms: list[float],
     mem: list[int],
-    entry_ms: list[list[float]] | None = None,
+    start_extra_ms: list[list[float]],
 ) -> BlockProfile:
     blocks = tuple(
         BlockTiming(
@@ -528,8 +525,8 @@ def _build_profile(
             param_bytes=info.param_bytes,
             mem_bytes=mem[i],
             entry_ms=(
-                _percentile(block_ms[i], 50) + _percentile(entry_ms[i], 50)
-                if entry_ms and entry_ms[i]
+                _percentile(block_ms[i], 50) + _percentile(start_extra_ms[i], 50)
+                if start_extra_ms[i]
                 else None
             ),
         )

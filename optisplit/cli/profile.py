@@ -43,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Per block the median, p10 and p90 time, its time as the first block of a stage "
             "(after a rest, on a fresh input; 'start ms' is what that adds), output bytes, "
             "parameter bytes and peak extra memory, plus the whole model timed in one piece "
-            "(block and whole-model rounds interleaved). Writes ROOT/devices/DEVICE/MODEL-bBATCH.json (-fine before "
-            ".json at fine granularity) and the same table as .csv. With --testbed, runs "
+            "(block and whole-model rounds interleaved). Writes "
+            "ROOT/devices/DEVICE/MODEL-bBATCH.json (-fine before .json at fine granularity) "
+            "and the same table as .csv. With --testbed, runs "
             "inside DEVICE's emulated sandbox (CPU quota, cores) when that testbed is up."
         ),
     )

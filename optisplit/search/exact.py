@@ -137,7 +137,7 @@ class _Solver:
         self._core_tables()
         self.prefix = [np.array(model.compute_prefix(d), dtype=_F) for d in self.devices]
         # a stage from cut c to b computes P[b] - S[c], with S[c] = P[c] - E[c] (its start)
-        self.start = [
+        self.begin = [
             p - np.append(np.array(model.entry_costs(d), dtype=_F), 0.0)
             for p, d in zip(self.prefix, self.devices)
         ]
@@ -454,7 +454,7 @@ class _Solver:
         The latency at end cut ``b`` of a row starting at ``c`` is ``(L - S[c]) + P[b]``, so
         one ordering of the rows by ``L - S[c]`` is the latency order of every column.
         """
-        prefix, begin = self.prefix[d], self.start[d]
+        prefix, begin = self.prefix[d], self.begin[d]
         still_open = bool(self.cores) or (self.m > 0 and bool(np.any(rows[:, 4:] > 0)))
         if not still_open:
             rows = rows[_same_cut_front(rows)]
