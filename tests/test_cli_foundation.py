@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,20 @@ def test_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert sizes["inception_v3"] == 299 and sizes["resnet18"] == 224 and len(sizes) >= 70
     assert main(["models"]) == 0
     assert "mobilenet_v2" in capsys.readouterr().out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """'optisplit models --json | head -c 1': no traceback when the pipe closes under it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optisplit", "models", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before anything is written
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors
 
 
 def test_blocks_json_and_verify(capsys: pytest.CaptureFixture[str]) -> None:
