@@ -34,7 +34,18 @@ costs show (a zoo model's 224x224 input takes 4.8 ms per request on a 1 Gbit/s l
   makes its CPU time) and copies, per role (its stage, and the output's relay when it is the
   sink as well): what the runtime costs the cores of a shared host per stage or relay.
 
-Both plans are measured ``rounds`` times (3 by default), taking turns, and the medians kept.
+- ``client_wait_share`` and ``worker_wait_share`` (single-host testbeds only): what the client,
+  the forwarder and a device's worker spend per request grows with the time between requests
+  (threads that wait for the next one; ``bench/wakeups.py`` on ``local`` under ``lan``: the
+  helper core's CPU per request rose from 0.93 to 1.65 ms over sockets and from 3.76 to 5.06
+  ms over RPC as the period went from 7 to 27 ms). A longer probe (:func:`long_probe_model`,
+  64 layers, about four times the compute) is deployed whole beside the short one's ``alone``
+  plan; the slope of the relay's (the source's worker), the client's and the forwarder's CPU
+  per request against the period over those plans is their share of a core while requests
+  stream (the client's and the forwarder's add up to ``client_wait_share``). The per-request
+  terms above are read with that share times their plan's period taken off.
+
+The plans are measured ``rounds`` times (3 by default), taking turns, and the medians kept.
 
 The result is stored per testbed and backend in ``<profiles>/overheads/<testbed>-<backend>.json``
 (schema_version 1); :func:`optisplit.cost.load_cost_model` uses it when given the backend. These
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import itertools
 import os
 import platform
 import statistics
@@ -63,6 +75,7 @@ if TYPE_CHECKING:
     from optisplit.validate import ProgressCallback
 
 __all__ = [
+    "LONG_PROBE_FACTORY",
     "PROBE_FACTORY",
     "PROBE_MODEL",
     "Calibration",
@@ -70,6 +83,7 @@ __all__ = [
     "calibrated_overheads",
     "calibration_path",
     "load_calibration",
+    "long_probe_model",
     "probe_model",
     "save_calibration",
 ]
@@ -77,10 +91,19 @@ __all__ = [
 SCHEMA_VERSION = 1
 PROBE_MODEL = "calibration-probe"
 PROBE_FACTORY = "optisplit.calibrate:probe_model"
+LONG_PROBE_FACTORY = "optisplit.calibrate:long_probe_model"
+_MIN_SPAN_MS = 5.0
+"""Periods of the two probes' whole-probe plans closer than this fix no waiting share."""
 _PROBE_DEPTH = 8
 """Requests in flight while streaming: enough that the probe's latency does not bound its rate."""
 _TERMS = ("message_ms", "handoff_ms", "request_ms")
-_HOST_TERMS = ("client_ms", "forward_ms", "forward_ms_per_mb")
+_HOST_TERMS = (
+    "client_ms",
+    "forward_ms",
+    "forward_ms_per_mb",
+    "client_wait_share",
+    "worker_wait_share",
+)
 """Terms of single-host testbeds; calibrations without them read as 0."""
 _MAX_WIRE_MS = 20.0
 """Refuse links on which the probe's input takes longer than this (wifi's 50 Mbit/s: 96 ms)."""
@@ -99,6 +122,8 @@ class Calibration:
     forward_ms: float = 0.0
     forward_ms_per_mb: float = 0.0
     request_cpu_ms: float | None = None
+    client_wait_share: float = 0.0
+    worker_wait_share: float = 0.0
     probe: str = PROBE_FACTORY
     measured: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The probe's raw figures: ``period_ms``, ``compute_ms``, ``hops`` (ms) and the plans."""
@@ -118,6 +143,8 @@ class Calibration:
             forward_ms=self.forward_ms,
             forward_ms_per_mb=self.forward_ms_per_mb,
             request_cpu_ms=self.request_cpu_ms,
+            client_wait_share=self.client_wait_share,
+            worker_wait_share=self.worker_wait_share,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,25 +156,25 @@ class Calibration:
         return cls(**{k: v for k, v in doc.items() if k in fields})
 
 
-def probe_model(channels: int = 64, layers: int = 16, stride: int = 1) -> tuple[Any, Any]:
+def probe_model(channels: int = 64, layers: int = 16) -> tuple[Any, Any]:
     """The calibration probe (a model factory, ``PROBE_FACTORY``): ``layers`` blocks of a 3x3
     convolution with ReLU over ``channels`` channels of a 32 x 32 map, then a pooled linear
-    head; returns ``(module, example input)``. The input is ``32 * stride`` pixels square, the
-    first convolution strides over it (``stride`` > 1: more bytes in, about the same compute)."""
+    head; returns ``(module, example input)``."""
     from torch import nn, randn
 
-    first = (
-        nn.Conv2d(3, channels, 3, padding=1)
-        if stride == 1
-        else nn.Conv2d(3, channels, stride, stride=stride)
-    )
-    blocks = [nn.Sequential(first, nn.ReLU())]
+    blocks = [nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())]
     blocks += [
         nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
         for _ in range(layers - 1)
     ]
     blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)))
-    return nn.Sequential(*blocks), randn(1, 3, 32 * stride, 32 * stride)
+    return nn.Sequential(*blocks), randn(1, 3, 32, 32)
+
+
+def long_probe_model() -> tuple[Any, Any]:
+    """The longer probe (``LONG_PROBE_FACTORY``): :func:`probe_model` with 64 layers, about
+    four times its compute for the same input and output."""
+    return probe_model(layers=64)
 
 
 def calibration_path(
@@ -189,6 +216,8 @@ def load_calibration(
         raise ProfileError(f"{path}: calibration lacks numbers for {terms}") from None
     if not all(0.0 <= v < float("inf") for v in values.values()):
         raise ProfileError(f"{path}: calibration terms must be numbers >= 0, got {values}")
+    if values["client_wait_share"] >= 1.0 or values["worker_wait_share"] >= 1.0:
+        raise ProfileError(f"{path}: waiting shares must be below 1 (a share of a core)")
     return Calibration.from_dict({**doc, **values})
 
 
@@ -247,7 +276,12 @@ def calibrate_overheads(
         if wire > _MAX_WIRE_MS:
             raise _too_slow(testbed, wire)
 
-    def run(plan: str) -> dict[str, Any]:
+    # the longer probe's whole-probe plan, for the waiting shares of a shared host's processes
+    long_chain = load_chain(PROBE_MODEL, module=LONG_PROBE_FACTORY)
+    long_alone = f"{other}[0:{long_chain.n_blocks}]"
+    waits = bool(testbed.host_cores) and other != testbed.source
+
+    def run(plan: str, factory: str = PROBE_FACTORY) -> dict[str, Any]:
         """Deploy one probe plan once and return its measurement (raise when it failed)."""
         with tempfile.TemporaryDirectory(prefix="optisplit-calibrate-") as out:
             (result,) = validate_plans(
@@ -260,7 +294,7 @@ def calibrate_overheads(
                 depth=_PROBE_DEPTH,
                 window_s=window_s,
                 token=token,
-                module=PROBE_FACTORY,
+                module=factory,
                 out_dir=out,
                 profiles_root=out,  # no profiles: no predictions needed
                 on_progress=on_progress,
@@ -283,8 +317,15 @@ def calibrate_overheads(
             measured = run(split)
             hops.append(measured["transfers"])
             helpers.add(split, measured)
+        if waits:
+            helpers.add(
+                long_alone,
+                run(long_alone, LONG_PROBE_FACTORY),
+                cut_bytes=_cut_bytes(long_chain),
+                alone=True,
+            )
         measured = run(alone)
-        helpers.add(alone, measured)
+        helpers.add(alone, measured, alone=waits)
         period = 1000.0 / measured["throughput_rps"]
         if max(wire, measured["latency_ms"] / _PROBE_DEPTH) >= 0.9 * period:
             raise _too_slow(testbed, wire)  # the link or the delay set the pace
@@ -324,14 +365,19 @@ def calibrate_overheads(
         forward_ms=round(forward[0], 4),
         forward_ms_per_mb=round(forward[1], 4),
         request_cpu_ms=None if request_cpu is None else round(request_cpu, 4),
+        client_wait_share=round(helpers.client_wait_share(), 4),
+        worker_wait_share=round(helpers.worker_wait_share(), 4),
         measured={
-            "plans": [split, alone] if other != testbed.source else [alone],
+            "plans": [split, alone, *([long_alone] if waits else [])]
+            if other != testbed.source
+            else [alone],
             "period_ms": periods,
             "compute_ms": computes,
             "request_ms": requests_ms,
             "hops": [[{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in hops],
             "client_ms": helpers.clients,
             "request_cpu_ms": helpers.requests,
+            "waits": helpers.waits,
             "forwarder_ms": [
                 {"messages": m, "mb": mb, "ms": v} for (m, mb), v in helpers.forwards.items()
             ],
@@ -346,50 +392,87 @@ def calibrate_overheads(
 
 class _HostCosts:
     """CPU time per request of the client, the forwarder and a device's runtime, read from
-    the probe's measurements (``Measurement.host``)."""
+    the probe's measurements (``Measurement.host``), split into what each request costs and
+    what the processes spend per unit of time while requests stream (their waiting shares).
+
+    Every figure is kept with the period per request of the plan it came from. The whole-probe
+    plans of both probes (``alone``: the source only relays) fix the waiting shares: the slope
+    of each process's CPU per request against the period (:meth:`_slope`). The per-request
+    terms are their samples less that slope times their period.
+    """
 
     def __init__(self, testbed: Testbed, chain: Any) -> None:
         from optisplit import emulate
         from optisplit.cost import Overheads
 
         self.testbed = testbed
-        self.cut_bytes = [chain.input_bytes, *(c.bytes for c in chain.cuts), chain.output_bytes]
+        self.cut_bytes = _cut_bytes(chain)
         self.copy_ms = Overheads().copy_ms
         host = testbed.host_cores
         self.cores = () if host is None else emulate.helper_cores(testbed) or host
-        self.clients: list[float] = []
-        self.requests: list[float] = []
-        self.forwards: dict[tuple[int, float], list[float]] = {}
-        """(messages, MB) the forwarder passes per request -> its CPU ms per request."""
+        self.clients: list[tuple[float, float]] = []
+        self.requests: list[tuple[float, float, int]] = []
+        """(period, the source's runtime CPU per request, its roles) of split plans."""
+        self.forwards: dict[tuple[int, float], list[tuple[float, float]]] = {}
+        """(messages, MB) the forwarder passes per request -> (period, its CPU ms per request)."""
+        self.waits: list[dict[str, float]] = []
+        """Whole-probe plans: the period and the relay's, client's and forwarder's CPU."""
 
-    def add(self, plan_text: str, measured: dict[str, Any]) -> None:
+    def add(
+        self,
+        plan_text: str,
+        measured: dict[str, Any],
+        *,
+        cut_bytes: list[int] | None = None,
+        alone: bool = False,
+    ) -> None:
+        """Take one probe plan's figures (``cut_bytes``: its probe's, default the short
+        one's; ``alone``: a whole-probe plan, whose figures also fix the waiting shares)."""
         from optisplit.cost import plan_transfers
         from optisplit.plan import Plan
 
+        cuts = self.cut_bytes if cut_bytes is None else cut_bytes
         load = measured.get("host") or {}
         plan = Plan.parse(plan_text)
-        self._runtime(plan, measured, load.get("devices_ms") or {})
+        period = 1000.0 / measured["throughput_rps"] if measured.get("throughput_rps") else 0.0
+        devices_ms = load.get("devices_ms") or {}
+        self._runtime(plan, measured, devices_ms, cuts, period)
         cores_ms = load.get("cores_ms") or {}
+        watched = load.get("watched_ms") or {}
+        if alone and period > 0 and self.testbed.source in devices_ms:
+            wait = {"period_ms": period, "relay_ms": devices_ms[self.testbed.source]}
+            if "forwarder" in watched:
+                wait["forwarder_ms"] = watched["forwarder"]
+            self.waits.append(wait)
         if not self.cores or not all(str(c) in cores_ms for c in self.cores):
             return  # not one host, or no per-core figures here
         busy = sum(cores_ms[str(c)] for c in self.cores)
-        for device, ms in (load.get("devices_ms") or {}).items():
+        for device, ms in devices_ms.items():
             pinned = self.testbed.devices[device].cores or ()
             busy -= ms * sum(1 for c in pinned if c in self.cores) / max(len(pinned), 1)
-        watched = load.get("watched_ms") or {}
         forwarder = watched.get("forwarder", 0.0)
-        copies = self.copy_ms(self.cut_bytes[0]) + self.copy_ms(self.cut_bytes[-1])
-        self.clients.append(max(busy - forwarder - copies, 0.0))  # the model adds the copies
+        copies = self.copy_ms(cuts[0]) + self.copy_ms(cuts[-1])
+        client = max(busy - forwarder - copies, 0.0)  # the model adds the copies
+        self.clients.append((period, client))
+        if alone and self.waits and self.waits[-1]["period_ms"] == period:
+            self.waits[-1]["client_ms"] = client
         if "forwarder" not in watched:
             return
         # the client's input to the source and the sink's output to the client pass the
         # forwarder too, as does every transfer between two devices
-        sizes = [self.cut_bytes[0], self.cut_bytes[-1]]
-        sizes += [n for _, _, n in plan_transfers(self.testbed, plan, self.cut_bytes)]
+        sizes = [cuts[0], cuts[-1]]
+        sizes += [n for _, _, n in plan_transfers(self.testbed, plan, cuts)]
         key = (len(sizes), sum(sizes) / 1e6)
-        self.forwards.setdefault(key, []).append(forwarder)
+        self.forwards.setdefault(key, []).append((period, forwarder))
 
-    def _runtime(self, plan: Any, measured: dict[str, Any], devices_ms: dict[str, float]) -> None:
+    def _runtime(
+        self,
+        plan: Any,
+        measured: dict[str, Any],
+        devices_ms: dict[str, float],
+        cuts: list[int],
+        period: float,
+    ) -> None:
         """The runtime's CPU time per stage or relay on the source of a split plan: its
         worker's CPU time less the first stage's compute (its time at the device's share of a
         core: a paced device's pacer makes its compute's wall time its CPU time over the pace)
@@ -412,24 +495,56 @@ class _HostCosts:
             return
         device = self.testbed.devices[source]
         share = CostModel.share_of(device)
-        roles, copies = 1, self.copy_ms(self.cut_bytes[first.end])
+        roles, copies = 1, self.copy_ms(cuts[first.end])
         if self.testbed.sink == source:
-            roles, copies = 2, copies + self.copy_ms(self.cut_bytes[-1])
-        self.requests.append(max(devices_ms[source] - compute * share - copies, 0.0) / roles)
+            roles, copies = 2, copies + self.copy_ms(cuts[-1])
+        self.requests.append((period, devices_ms[source] - compute * share - copies, roles))
+
+    def _slope(self, key: str) -> float:
+        """CPU ms per request per ms of period of one process over the whole-probe plans: the
+        median of the slopes between every two of them whose periods differ by at least
+        ``_MIN_SPAN_MS`` (a round disturbed by other work moves a few of them, not the median);
+        0 when there are none, and at least 0."""
+        points = [(w["period_ms"], w[key]) for w in self.waits if key in w]
+        slopes = [
+            (v2 - v1) / (t2 - t1)
+            for (t1, v1), (t2, v2) in itertools.combinations(points, 2)
+            if abs(t2 - t1) >= _MIN_SPAN_MS
+        ]
+        return max(statistics.median(slopes), 0.0) if slopes else 0.0
+
+    def worker_wait_share(self) -> float:
+        """The source's worker's waiting share: the slope of its relay's CPU per request."""
+        return self._slope("relay_ms")
+
+    def client_wait_share(self) -> float:
+        """The client's and the forwarder's waiting shares together (both on helper cores)."""
+        return self._slope("client_ms") + self._slope("forwarder_ms")
 
     def client_ms(self) -> float:
-        return statistics.median(self.clients) if self.clients else 0.0
+        if not self.clients:
+            return 0.0
+        slope = self._slope("client_ms")
+        return max(statistics.median(ms - slope * t for t, ms in self.clients), 0.0)
 
     def request_cpu_ms(self) -> float | None:
-        return statistics.median(self.requests) if self.requests else None
+        if not self.requests:
+            return None
+        slope = self.worker_wait_share()
+        return max(statistics.median((ms - slope * t) / n for t, ms, n in self.requests), 0.0)
 
     def forward_terms(self) -> tuple[float, float]:
-        """(ms per message, ms per MB) of the forwarder: least squares over the plans' medians
-        (two plans of as many messages and different sizes fix both), neither below 0."""
-        points = [(m, mb, statistics.median(v)) for (m, mb), v in self.forwards.items()]
+        """(ms per message, ms per MB) of the forwarder, its waiting taken off: least squares
+        over the plans' medians (two plans of as many messages and different sizes fix both),
+        neither below 0."""
+        slope = self._slope("forwarder_ms")
+        points = [
+            (m, mb, statistics.median(ms - slope * t for t, ms in v))
+            for (m, mb), v in self.forwards.items()
+        ]
         if not points:
             return 0.0, 0.0
-        per_message = statistics.median(ms / m for m, _, ms in points)
+        per_message = max(statistics.median(ms / m for m, _, ms in points), 0.0)
         if len({round(mb / m, 9) for m, mb, _ in points}) < 2:
             return per_message, 0.0  # one mix of sizes: it cannot tell bytes from messages
         import numpy as np
@@ -441,7 +556,12 @@ class _HostCosts:
             return float(fixed), float(rate)
         if rate < 0:  # the bytes explain nothing: all per message
             return per_message, 0.0
-        return 0.0, statistics.median(ms / mb for _, mb, ms in points)
+        return 0.0, max(statistics.median(ms / mb for _, mb, ms in points), 0.0)
+
+
+def _cut_bytes(chain: Any) -> list[int]:
+    """Bytes crossing every cut of ``chain``: its input, its interior cuts, its output."""
+    return [chain.input_bytes, *(c.bytes for c in chain.cuts), chain.output_bytes]
 
 
 def _wire_ms(testbed: Testbed, src: str, dst: str, nbytes: int) -> float:

@@ -52,7 +52,10 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   per request plus ``copy`` of the input and the output (the client that sends inputs and
   takes outputs), and ``forward_ms`` plus ``forward_ms_per_mb`` per MB for every message the
   userspace delay path forwards: each transfer between two devices, the input from the client
-  to the source and the output from the sink to the client. Each device's own bound leaves
+  to the source and the output from the sink to the client. A core does that work with what
+  the waiting of the processes on it leaves (``Overheads.client_wait_share`` of the client and
+  forwarder, ``worker_wait_share`` of the source's and sink's workers, spread as their work
+  is): its busy time is its load over that capacity. Each device's own bound leaves
   its rests to others; this one says whether they all fit: two paced devices, their runtime
   threads, the client and the forwarder on one core saturated it at 9.0 ms per request
   (socket) and 15.2 ms (RPC) in a three-device mobilenet_v2 pipeline on ``local3``
@@ -84,6 +87,9 @@ from optisplit.errors import ProfileError
 from optisplit.plan import Plan
 from optisplit.profile import BlockProfile, load_profile, profile_path
 from optisplit.testbed import Device, Testbed, helper_cores
+
+_MIN_CAPACITY = 0.05
+"""Least share of a core :meth:`CostModel._core_capacity` leaves (waiting shares are small)."""
 
 __all__ = [
     "CostModel",
@@ -132,6 +138,14 @@ class Overheads:
             testbed. Every message between two devices passes it once, and so do the input
             from the client to the source and the output from the sink to the client. ``0`` by
             default; ``optisplit calibrate`` measures them.
+        client_wait_share, worker_wait_share: share of a core that the client and forwarder
+            together, and a device's worker, keep busy while requests stream, on top of their
+            costs per request: CPU time that grows with the time between requests rather than
+            with their number (threads that wait for the next request; ``bench/wakeups.py``).
+            On a single-host testbed they take their part of each core that the client and
+            forwarder, and the source's and sink's workers, run on (every plan keeps those
+            busy), and leave the rest to per-request work (``CostModel.core_load``). ``0`` by
+            default; ``optisplit calibrate`` measures them with a second, longer probe.
 
     ``message_ms``, ``handoff_ms``, ``request_ms``, ``request_cpu_ms``, ``client_ms``,
     ``forward_ms`` and ``forward_ms_per_mb`` depend on the runtime backend and the host:
@@ -149,6 +163,8 @@ class Overheads:
     forward_ms_per_mb: float = 0.0
     request_cpu_ms: float | None = None
     stage_entry: bool = True
+    client_wait_share: float = 0.0
+    worker_wait_share: float = 0.0
 
     @property
     def cpu_per_request_ms(self) -> float:
@@ -307,12 +323,26 @@ class CostModel:
         """Cores of the shared host (empty: devices are machines of their own)."""
         self._core_share: dict[str, dict[int, float]] = {}
         self._helper_share: dict[int, float] = {}
+        self._capacity: dict[int, float] = {}
         if self.host_cores:
             for name, dev in testbed.devices.items():
                 cores = dev.cores or ()
                 self._core_share[name] = {c: 1.0 / len(cores) for c in cores}
             helpers = helper_cores(testbed.devices.values(), self.host_cores) or self.host_cores
             self._helper_share = {c: 1.0 / len(helpers) for c in helpers}
+            self._capacity = self._core_capacity()
+
+    def _core_capacity(self) -> dict[int, float]:
+        """Share of each host core left to per-request work while requests stream: 1 less the
+        waiting shares of the client and forwarder (spread as :meth:`helper_load`) and of the
+        source's and sink's workers (spread over their cores), which every plan keeps busy."""
+        waiting = dict.fromkeys(self.host_cores, 0.0)
+        for core, share in self._helper_share.items():
+            waiting[core] += self.overheads.client_wait_share * share
+        for device in {self.testbed.source, self.testbed.sink}:
+            for core, share in self._core_share.get(device, {}).items():
+                waiting[core] += self.overheads.worker_wait_share * share
+        return {c: max(1.0 - w, _MIN_CAPACITY) for c, w in waiting.items()}
 
     def _whole_factor(self, device: str, profile: BlockProfile) -> float:
         """``whole_ms / Σ block medians`` when ``Overheads.whole_model`` is on, else 1.
@@ -464,12 +494,18 @@ class CostModel:
         return self.idle_busy(device, request=self.overheads.cpu_per_request_ms)
 
     def core_load(self, device: str, cpu_ms: float) -> dict[int, float]:
-        """``cpu_ms`` of work on ``device`` spread over its cores of the shared host."""
-        return {c: cpu_ms * share for c, share in self._core_share.get(device, {}).items()}
+        """``cpu_ms`` of work on ``device`` spread over its cores of the shared host, each
+        core's part over that core's capacity (the time it takes there while requests stream)."""
+        capacity = self._capacity
+        return {
+            c: cpu_ms * share / capacity[c]
+            for c, share in self._core_share.get(device, {}).items()
+        }
 
     def helper_load(self, ms: float) -> dict[int, float]:
-        """``ms`` of the emulation's own work spread over the helper cores."""
-        return {c: ms * share for c, share in self._helper_share.items()}
+        """``ms`` of the emulation's own work spread over the helper cores (over each core's
+        capacity, as :meth:`core_load`)."""
+        return {c: ms * share / self._capacity[c] for c, share in self._helper_share.items()}
 
     def client_cpu_ms(self) -> float:
         """CPU time per request on the helper cores that every plan costs: the client

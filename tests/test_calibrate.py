@@ -55,12 +55,20 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     path = save_calibration(calibration, root=root)
     # the shared host's terms round-trip too
     host = dataclasses.replace(
-        calibration, client_ms=0.3, forward_ms=0.05, forward_ms_per_mb=1.2, request_cpu_ms=0.4
+        calibration,
+        client_ms=0.3,
+        forward_ms=0.05,
+        forward_ms_per_mb=1.2,
+        request_cpu_ms=0.4,
+        client_wait_share=0.05,
+        worker_wait_share=0.03,
     )
     save_calibration(host, root=root)
     loaded = load_calibration("pair", "socket", root=root)
     assert loaded == host and loaded is not None
     assert loaded.overheads().cpu_per_request_ms == 0.4
+    assert loaded.overheads().client_wait_share == 0.05
+    assert loaded.overheads().worker_wait_share == 0.03
     path = save_calibration(calibration, root=root)
     assert path == calibration_path("pair", "socket", root=root)
     assert path == root / "overheads" / "pair-socket.json"
@@ -78,6 +86,8 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
         ({k: v for k, v in doc.items() if k != "handoff_ms"}, "lacks numbers"),
         ({**doc, "message_ms": "fast"}, "lacks numbers"),
         ({**doc, "client_ms": "lots"}, "lacks numbers"),
+        ({**doc, "worker_wait_share": 1.0}, "below 1"),
+        ({**doc, "client_wait_share": -0.1}, "must be numbers >= 0"),
         ({**doc, "schema_version": 9}, "schema"),
     ):
         path.write_text(json.dumps(broken))
@@ -258,3 +268,64 @@ def test_client_and_forwarder_costs_from_the_host_figures() -> None:
     pair = _HostCosts(two_device_testbed(rtt_ms=0.2, mbps=1000.0), chain)
     pair.add("a[0:35]", figures({}, 0.1, 0.7))
     assert pair.cores == () and pair.client_ms() == 0.0 and pair.forward_terms() == (0.0, 0.0)
+
+
+def test_waiting_shares_from_the_whole_probe_plans_of_both_probes() -> None:
+    """The slope of each process's CPU per request against the period is its waiting share; the
+    per-request terms are read with that share times their plan's period taken off."""
+    from optisplit.calibrate import LONG_PROBE_FACTORY, PROBE_FACTORY, PROBE_MODEL, _HostCosts
+    from optisplit.chain import load_chain
+    from optisplit.testbed import load_testbed
+
+    bed = load_testbed("local", root=ROOT / "profiles")
+    chain = load_chain(PROBE_MODEL, module=PROBE_FACTORY)
+    long_chain = load_chain(PROBE_MODEL, module=LONG_PROBE_FACTORY)
+    assert long_chain.n_blocks > chain.n_blocks
+    assert long_chain.input_bytes == chain.input_bytes
+    helpers = _HostCosts(bed, chain)
+    assert bed.source == "slow" and helpers.cores == (1,)  # slow's core carries the helpers
+    copy = Overheads().copy_ms
+    copies = copy(chain.input_bytes) + copy(chain.output_bytes)
+
+    def alone(period: float) -> dict[str, object]:
+        # relay 0.3 ms + 4 % of the period; client 0.5 + 3 %; forwarder 0.2 + 1 %
+        relay, client, forwarder = 0.3 + 0.04 * period, 0.5 + 0.03 * period, 0.2 + 0.01 * period
+        return {
+            "throughput_rps": 1000.0 / period,
+            "host": {
+                "devices_ms": {"slow": relay, "fast": period},
+                "watched_ms": {"forwarder": forwarder},
+                "cores_ms": {"1": relay + client + forwarder + copies, "0": period},
+            },
+        }
+
+    for period in (7.0, 27.0, 7.5):
+        long_plan = period > 20
+        blocks = (long_chain if long_plan else chain).n_blocks
+        cuts = [long_chain.input_bytes, *(c.bytes for c in long_chain.cuts)]
+        helpers.add(
+            f"fast[0:{blocks}]",
+            alone(period),
+            cut_bytes=[*cuts, long_chain.output_bytes] if long_plan else None,
+            alone=True,
+        )
+    assert helpers.worker_wait_share() == pytest.approx(0.04)
+    assert helpers.client_wait_share() == pytest.approx(0.03 + 0.01)
+    assert helpers.client_ms() == pytest.approx(0.5)  # what a request costs, waiting aside
+    message, _ = helpers.forward_terms()
+    assert message == pytest.approx(0.2 / 4)  # four messages per request
+    # plans of other shapes add per-request samples but do not move the shares
+    helpers.add("slow[0:17] -> fast[17:35]", alone(12.0))
+    assert helpers.worker_wait_share() == pytest.approx(0.04)
+    # one of three rounds disturbed by other work on the core moves a third of the slopes
+    # between short and long plans, not their median
+    disturbed = alone(26.0)
+    disturbed["host"]["cores_ms"]["1"] += 8.0  # type: ignore[index]
+    helpers.add(f"fast[0:{long_chain.n_blocks}]", alone(28.0), alone=True)
+    helpers.add(f"fast[0:{long_chain.n_blocks}]", disturbed, alone=True)
+    assert helpers.client_wait_share() == pytest.approx(0.04)
+    # periods too close together fix no share
+    close = _HostCosts(bed, chain)
+    for period in (7.0, 8.0):
+        close.add(f"fast[0:{chain.n_blocks}]", alone(period), alone=True)
+    assert close.worker_wait_share() == 0.0 and close.client_wait_share() == 0.0

@@ -345,6 +345,42 @@ def test_shared_host_cores_bound_throughput() -> None:
     assert apart.evaluate(plan).throughput_rps == pytest.approx(50.0)
 
 
+def test_waiting_shares_take_their_part_of_the_cores_they_run_on() -> None:
+    """The client's and forwarder's waiting share takes its part of the helper core, and the
+    source's and sink's worker's of their cores; the per-request work gets the rest."""
+    plan = Plan.parse("s1[0:1] -> s2[1:2] -> f[2:3]")
+    base = _shared_host(client_ms=8.0)
+    waiting = CostModel(
+        base.testbed,
+        dict.fromkeys(base.devices, model_profile()),
+        overheads=dataclasses.replace(
+            base.overheads, client_wait_share=0.15, worker_wait_share=0.05
+        ),
+        depth=0,
+    )
+    # core 1 holds the helpers and s1, the source and sink: 0.8 of it is left; core 0 (f only)
+    # keeps all of it
+    before, after = base.core_loads(plan), waiting.core_loads(plan)
+    assert after == pytest.approx({0: before[0], 1: before[1] / 0.8})
+    assert waiting.evaluate(plan).throughput_rps == pytest.approx(1000 / after[1])
+    # a worker pinned to two cores spreads its share over them
+    spread = dataclasses.replace(
+        base.testbed,
+        devices={
+            **base.testbed.devices,
+            "s1": dataclasses.replace(base.testbed.devices["s1"], cores=(0, 1)),
+        },
+    )
+    shares = CostModel(
+        spread,
+        dict.fromkeys(base.devices, model_profile()),
+        overheads=dataclasses.replace(Overheads.none(), worker_wait_share=0.2),
+        depth=0,
+    )
+    assert shares.core_load("f", 9.0) == pytest.approx({0: 9.0 / 0.9})
+    assert shares.helper_load(9.0) == pytest.approx({1: 9.0 / 0.9})
+
+
 def test_shared_host_counts_idle_relays_and_client_copies() -> None:
     model = _shared_host(client_ms=0.0)
     model = CostModel(

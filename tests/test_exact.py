@@ -88,6 +88,8 @@ def _shared_host(seed: int) -> CostModel:
         client_ms=rng.choice([0.0, 1.0, 5.0]),
         forward_ms=rng.choice([0.0, 0.3]),
         forward_ms_per_mb=rng.choice([0.0, 3.0, 30.0]),
+        client_wait_share=rng.choice([0.0, 0.05, 0.3]),
+        worker_wait_share=rng.choice([0.0, 0.04, 0.2]),
     )
     return random_cost_model(
         rng, bed, rng.randint(1, 6), overheads=overheads, depth=rng.choice([None, 0, 2])

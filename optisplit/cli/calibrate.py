@@ -36,7 +36,9 @@ def register(subparsers: Any) -> None:
             "the runtime on a device per stage (request_cpu_ms), of the client feeding it "
             "(client_ms) and of the delay forwarder per message "
             "(forward_ms) and per MB (forward_ms_per_mb), which share the host's cores with the "
-            "devices. "
+            "devices, and, from a second, longer probe, the share of a core the client and "
+            "forwarder (client wait %) and a device's worker (worker wait %) keep busy "
+            "while requests stream. "
             "The result goes to PROFILES/overheads/TESTBED-BACKEND.json, where 'search', "
             "'evaluate', 'validate', 'sweep' and 'demo' pick it up for that backend. These costs "
             "drift with the host's load: calibrate close to the runs they are for. Needs fast "
@@ -146,6 +148,8 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
             "client ms",
             "forward ms",
             "forward ms/MB",
+            "client wait %",
+            "worker wait %",
             "measured",
         ],
         [
@@ -159,6 +163,8 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
                 c.client_ms,
                 c.forward_ms,
                 c.forward_ms_per_mb,
+                round(c.client_wait_share * 100, 2),
+                round(c.worker_wait_share * 100, 2),
                 c.created,
             ]
             for c, _ in found
