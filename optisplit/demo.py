@@ -89,7 +89,8 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     overheads: dict[str, float] = field(default_factory=dict)
     """The runtime terms the predictions used (``message_ms``, ``handoff_ms``, ``request_ms``,
-    ``request_cpu_ms``, ``client_ms``, ``forward_ms``, ``forward_ms_per_mb``)."""
+    ``request_cpu_ms``, ``client_ms``, ``forward_ms``, ``forward_ms_per_mb``,
+    ``client_wait_share``, ``worker_wait_share``)."""
     calibrated: bool = False
     """Whether ``overheads`` were calibrated on the testbed (else the defaults)."""
     epsilon: float = 0.0
@@ -310,6 +311,8 @@ def _run_steps(
             "client_ms": overheads.client_ms,
             "forward_ms": overheads.forward_ms,
             "forward_ms_per_mb": overheads.forward_ms_per_mb,
+            "client_wait_share": overheads.client_wait_share,
+            "worker_wait_share": overheads.worker_wait_share,
         },
         calibrated=calibration is not None,
         epsilon=epsilon,

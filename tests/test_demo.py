@@ -110,9 +110,12 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert isinstance(doc["compute_drift"], float) and abs(doc["compute_drift"]) < 1.0
     # the runtime was calibrated on the testbed, and the study predicted with that calibration
     terms = {"message_ms", "handoff_ms", "request_ms", "request_cpu_ms", "client_ms", "forward_ms"}
-    assert set(doc["overheads"]) == {*terms, "forward_ms_per_mb"}
+    terms |= {"forward_ms_per_mb", "client_wait_share", "worker_wait_share"}
+    assert set(doc["overheads"]) == terms
     stored = json.loads((tmp_path / "profiles" / "overheads" / "demotest-socket.json").read_text())
-    assert all(stored[k] == doc["overheads"][k] for k in (*terms, "forward_ms_per_mb"))
+    assert all(stored[k] == doc["overheads"][k] for k in terms)
+    assert 0 <= doc["overheads"]["client_wait_share"] < 0.5  # a share of a core, read off
+    assert len(stored["measured"]["waits"]) == 2 * 2  # both probes' whole plans, 2 rounds
     # the demo's testbed shares this host: its client and forwarder cost CPU on it
     assert stored["client_ms"] > 0 and stored["forward_ms"] + stored["forward_ms_per_mb"] > 0
     report = Path(doc["report"]).read_text()

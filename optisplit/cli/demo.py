@@ -175,7 +175,9 @@ def _print(result: DemoResult) -> None:
                 "runtime overheads" + ("" if result.calibrated else " (defaults, not calibrated)"),
                 f"message {o['message_ms']:.2f} ms, hand-off {o['handoff_ms']:.2f} ms, "
                 f"per request {o['request_ms']:.2f} ms, client {o['client_ms']:.2f} ms, "
-                f"forwarder {o['forward_ms']:.2f} ms + {o['forward_ms_per_mb']:.2f} ms/MB",
+                f"forwarder {o['forward_ms']:.2f} ms + {o['forward_ms_per_mb']:.2f} ms/MB, "
+                f"waiting {o['client_wait_share']:.1%} (client) / "
+                f"{o['worker_wait_share']:.1%} (worker) of a core",
             )
         )
     drift = result.compute_drift
