@@ -375,11 +375,15 @@ def calibrate_overheads(
             "compute_ms": computes,
             "request_ms": requests_ms,
             "hops": [[{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in hops],
-            "client_ms": helpers.clients,
-            "request_cpu_ms": helpers.requests,
+            "client_ms": [{"period_ms": t, "ms": ms} for t, ms in helpers.clients],
+            "request_cpu_ms": [
+                {"period_ms": t, "ms": ms, "roles": n} for t, ms, n in helpers.requests
+            ],
             "waits": helpers.waits,
             "forwarder_ms": [
-                {"messages": m, "mb": mb, "ms": v} for (m, mb), v in helpers.forwards.items()
+                {"messages": m, "mb": mb, "period_ms": t, "ms": ms}
+                for (m, mb), v in helpers.forwards.items()
+                for t, ms in v
             ],
             "requests": requests,
             "rounds": rounds,
@@ -439,6 +443,7 @@ class _HostCosts:
         self._runtime(plan, measured, devices_ms, cuts, period)
         cores_ms = load.get("cores_ms") or {}
         watched = load.get("watched_ms") or {}
+        wait: dict[str, float] | None = None
         if alone and period > 0 and self.testbed.source in devices_ms:
             wait = {"period_ms": period, "relay_ms": devices_ms[self.testbed.source]}
             if "forwarder" in watched:
@@ -454,8 +459,8 @@ class _HostCosts:
         copies = self.copy_ms(cuts[0]) + self.copy_ms(cuts[-1])
         client = max(busy - forwarder - copies, 0.0)  # the model adds the copies
         self.clients.append((period, client))
-        if alone and self.waits and self.waits[-1]["period_ms"] == period:
-            self.waits[-1]["client_ms"] = client
+        if wait is not None:
+            wait["client_ms"] = client
         if "forwarder" not in watched:
             return
         # the client's input to the source and the sink's output to the client pass the
