@@ -148,7 +148,8 @@ class Overheads:
             default; ``optisplit calibrate`` measures them with a second, longer probe.
 
     ``message_ms``, ``handoff_ms``, ``request_ms``, ``request_cpu_ms``, ``client_ms``,
-    ``forward_ms`` and ``forward_ms_per_mb`` depend on the runtime backend and the host:
+    ``forward_ms``, ``forward_ms_per_mb`` and the waiting shares depend on the runtime backend
+    and the host:
     ``optisplit calibrate`` measures them per testbed and backend (:mod:`optisplit.calibrate`).
     """
 
