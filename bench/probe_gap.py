@@ -1,0 +1,159 @@
+"""What the calibration probe misses: the runtime's cost per request of zoo models against probes.
+
+``optisplit calibrate`` reads the runtime's per-request costs from a small convolutional probe
+(12 KiB input). This script deploys whole models on the testbed's second device, the source
+relaying their input and output, and reads what the runtime spends per request beside the
+model's compute, for models of about the same compute:
+
+- ``probe``: the calibration probe with 32 layers (12 KiB in, 40 bytes out);
+- ``probe_wide_io``: ``probe`` behind a 7x7, stride-7 convolution of a 224 x 224 image and with
+  a head of 1000 classes (588 KiB in, 4 KiB out, as the zoo models);
+- the zoo models of ``--models`` (default ``mobilenet_v2``).
+
+Per model and backend (medians over ``--rounds``, the models taking turns): the period
+(``1000 / throughput``), the stage's compute with one request in flight (``alone``), the
+device's period beyond it (``excess``: the runtime's own work while requests stream, as the
+cost model counts it in ``request_ms``), the device's CPU per request beyond ``alone``
+(``cpu excess``), the source's relay CPU, the delay forwarder's and the client's (what the
+helper cores' busy time leaves after the other two).
+
+Run with the testbed up under ``lan`` (``optisplit testbed up local --condition lan``):
+``.venv/bin/python bench/probe_gap.py [--testbed local] [--models mobilenet_v2] [--rounds 3]
+[--backends socket,rpc]``; prints a table and writes ``bench/results/probe_gap.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # not bench/: its scripts would shadow modules (profile)
+
+PROBES = {"probe": "bench.probe_gap:probe", "probe_wide_io": "bench.probe_gap:wide_io"}
+
+
+def probe() -> Any:
+    """The calibration probe with 32 layers (a model factory for the workers)."""
+    from optisplit.calibrate import probe_model
+
+    return probe_model(layers=32)
+
+
+def wide_io() -> Any:
+    """:func:`probe` behind a 7x7, stride-7 convolution of a 3 x 224 x 224 input and with a head
+    of 1000 classes: a zoo model's input and output bytes."""
+    from torch import nn, randn
+
+    body, _ = probe()
+    first = body[0][0]
+    body[0][0] = nn.Conv2d(3, first.out_channels, 7, stride=7)
+    body[-1][-1] = nn.Linear(body[-1][-1].in_features, 1000)
+    return body, randn(1, 3, 224, 224)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--testbed", default="local")
+    parser.add_argument("--models", default="mobilenet_v2", help="zoo models, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backends", default="socket,rpc")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "probe_gap.json"))
+    args = parser.parse_args()
+
+    from optisplit import emulate
+    from optisplit.testbed import load_testbed
+
+    testbed = load_testbed(args.testbed)
+    if not emulate.is_up(testbed):
+        print(f"testbed {testbed.name} is not up: optisplit testbed up {testbed.name}")
+        return 2
+    models = [*PROBES, *args.models.split(",")]
+    rows = []
+    for backend in args.backends.split(","):
+        runs: dict[str, list[dict[str, float]]] = {m: [] for m in models}
+        for _ in range(args.rounds):  # the models take turns: a slow spell spreads over all
+            for model in models:
+                runs[model].append(_run(testbed, backend, model))
+        for model in models:
+            row: dict[str, Any] = {"backend": backend, "model": model}
+            row.update({k: statistics.median(r[k] for r in runs[model]) for k in runs[model][0]})
+            row["runs"] = runs[model]
+            rows.append(row)
+    keys = (
+        "input_kib",
+        "period_ms",
+        "alone_ms",
+        "excess_ms",
+        "cpu_excess_ms",
+        "relay_ms",
+        "forwarder_ms",
+        "client_ms",
+    )
+    head = f"{'backend':8}{'model':18}" + "".join(f"{k.replace('_', ' '):>15}" for k in keys)
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        print(f"{row['backend']:8}{row['model']:18}" + "".join(f"{row[k]:15.2f}" for k in keys))
+    doc = {"testbed": testbed.name, "rounds": args.rounds, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _run(testbed: Any, backend: str, model: str) -> dict[str, float]:
+    """Deploy ``model`` whole on the testbed's second device once; its costs per request."""
+    from optisplit import emulate
+    from optisplit.chain import load_chain
+    from optisplit.validate import validate_plans
+
+    factory = PROBES.get(model)
+    chain = load_chain(model, module=factory)
+    source = testbed.source
+    other = next(d for d in testbed.devices if d != source)
+    with tempfile.TemporaryDirectory(prefix="optisplit-probe-gap-") as out:
+        (result,) = validate_plans(
+            model,
+            testbed,
+            [f"{other}[0:{chain.n_blocks}]"],
+            backend=backend,
+            requests=40,
+            warmup=4,
+            depth=8,
+            window_s=3.0,
+            module=factory,
+            out_dir=out,
+            profiles_root=out,
+        )
+    measured = result["measured"]
+    if not measured:
+        raise SystemExit(f"{backend} {model} failed: {result['error']}")
+    host = measured["host"]
+    (stage,) = measured["stages"]
+    period = 1000.0 / measured["throughput_rps"]
+    helpers = emulate.helper_cores(testbed) or ()
+    busy = sum(host["cores_ms"].get(str(c), 0.0) for c in helpers)
+    relay = host["devices_ms"].get(source, 0.0)
+    forwarder = host["watched_ms"].get("forwarder", 0.0)
+    pinned = testbed.devices[source].cores or ()
+    on_helpers = sum(1 for c in pinned if c in helpers) / max(len(pinned), 1)
+    return {
+        "input_kib": chain.input_bytes / 1024,
+        "period_ms": period,
+        "alone_ms": stage["compute_ms"],
+        "excess_ms": period - stage["compute_ms"],
+        "cpu_excess_ms": host["devices_ms"][other] - stage["compute_ms"],
+        "relay_ms": relay,
+        "forwarder_ms": forwarder,
+        "client_ms": busy - relay * on_helpers - forwarder,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
