@@ -28,7 +28,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,49 +108,24 @@ def main() -> int:
 
 def _run(testbed: Any, backend: str, model: str) -> dict[str, float]:
     """Deploy ``model`` whole on the testbed's second device once; its costs per request."""
-    from optisplit import emulate
+    from bench.wakeups import deploy_whole, helper_figures
     from optisplit.chain import load_chain
-    from optisplit.validate import validate_plans
 
     factory = PROBES.get(model)
-    chain = load_chain(model, module=factory)
-    source = testbed.source
-    other = next(d for d in testbed.devices if d != source)
-    with tempfile.TemporaryDirectory(prefix="optisplit-probe-gap-") as out:
-        (result,) = validate_plans(
-            model,
-            testbed,
-            [f"{other}[0:{chain.n_blocks}]"],
-            backend=backend,
-            requests=40,
-            warmup=4,
-            depth=8,
-            window_s=3.0,
-            module=factory,
-            out_dir=out,
-            profiles_root=out,
-        )
-    measured = result["measured"]
-    if not measured:
-        raise SystemExit(f"{backend} {model} failed: {result['error']}")
-    host = measured["host"]
+    measured = deploy_whole(testbed, backend, model, factory, warmup=4, window_s=3.0)
     (stage,) = measured["stages"]
     period = 1000.0 / measured["throughput_rps"]
-    helpers = emulate.helper_cores(testbed) or ()
-    busy = sum(host["cores_ms"].get(str(c), 0.0) for c in helpers)
-    relay = host["devices_ms"].get(source, 0.0)
-    forwarder = host["watched_ms"].get("forwarder", 0.0)
-    pinned = testbed.devices[source].cores or ()
-    on_helpers = sum(1 for c in pinned if c in helpers) / max(len(pinned), 1)
+    other = stage["device"]
+    figures = helper_figures(testbed, measured)
     return {
-        "input_kib": chain.input_bytes / 1024,
+        "input_kib": load_chain(model, module=factory).input_bytes / 1024,
         "period_ms": period,
         "alone_ms": stage["compute_ms"],
         "excess_ms": period - stage["compute_ms"],
-        "cpu_excess_ms": host["devices_ms"][other] - stage["compute_ms"],
-        "relay_ms": relay,
-        "forwarder_ms": forwarder,
-        "client_ms": busy - relay * on_helpers - forwarder,
+        "cpu_excess_ms": measured["host"]["devices_ms"][other] - stage["compute_ms"],
+        "relay_ms": figures["relay_ms"],
+        "forwarder_ms": figures["forwarder_ms"],
+        "client_ms": figures["client_ms"],
     }
 
 

@@ -89,32 +89,55 @@ def main() -> int:
 
 def _run(testbed: Any, backend: str, layers: int) -> dict[str, float]:
     """Deploy the whole probe on the testbed's second device once; its CPU per request."""
-    from optisplit import emulate
+    factory = f"bench.wakeups:probe_{layers}"
+    measured = deploy_whole(testbed, backend, "probe", factory)
+    return {"period_ms": 1000.0 / measured["throughput_rps"], **helper_figures(testbed, measured)}
+
+
+def deploy_whole(
+    testbed: Any,
+    backend: str,
+    model: str,
+    factory: str | None,
+    *,
+    warmup: int = 2,
+    window_s: float = 2.0,
+) -> dict[str, Any]:
+    """Deploy ``model`` whole on the testbed's second device (the source relays its input and
+    output) once, 8 requests in flight; its measurement."""
     from optisplit.chain import load_chain
     from optisplit.validate import validate_plans
 
-    factory = f"bench.wakeups:probe_{layers}"
-    blocks = load_chain("probe", module=factory).n_blocks
-    source = testbed.source
-    other = next(d for d in testbed.devices if d != source)
-    with tempfile.TemporaryDirectory(prefix="optisplit-wakeups-") as out:
+    blocks = load_chain(model, module=factory).n_blocks
+    other = next(d for d in testbed.devices if d != testbed.source)
+    with tempfile.TemporaryDirectory(prefix="optisplit-bench-") as out:
         (result,) = validate_plans(
-            "probe",
+            model,
             testbed,
             [f"{other}[0:{blocks}]"],
             backend=backend,
             requests=40,
-            warmup=2,
+            warmup=warmup,
             depth=8,
-            window_s=2.0,
+            window_s=window_s,
             module=factory,
             out_dir=out,
             profiles_root=out,
         )
-    measured = result["measured"]
-    if not measured:
-        raise SystemExit(f"{backend} probe of {layers} layers failed: {result['error']}")
+    if not result["measured"]:
+        raise SystemExit(f"{backend} {model} failed: {result['error']}")
+    measured: dict[str, Any] = result["measured"]
+    return measured
+
+
+def helper_figures(testbed: Any, measured: dict[str, Any]) -> dict[str, float]:
+    """CPU ms per request of the source's relay, the client, the delay forwarder and the helper
+    cores in all (the client's is what the helper cores' busy time leaves after the other two,
+    as ``calibrate`` reads it)."""
+    from optisplit import emulate
+
     host = measured["host"]
+    source = testbed.source
     helpers = emulate.helper_cores(testbed) or ()
     busy = sum(host["cores_ms"].get(str(c), 0.0) for c in helpers)
     relay = host["devices_ms"].get(source, 0.0)
@@ -122,7 +145,6 @@ def _run(testbed: Any, backend: str, layers: int) -> dict[str, float]:
     pinned = testbed.devices[source].cores or ()
     on_helpers = sum(1 for c in pinned if c in helpers) / max(len(pinned), 1)
     return {
-        "period_ms": 1000.0 / measured["throughput_rps"],
         "relay_ms": relay,
         "client_ms": busy - relay * on_helpers - forwarder,
         "forwarder_ms": forwarder,
