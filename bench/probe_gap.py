@@ -66,13 +66,21 @@ def main() -> int:
     args = parser.parse_args()
 
     from optisplit import emulate
+    from optisplit.errors import OptisplitError
     from optisplit.testbed import load_testbed
+    from optisplit.zoo import build_model
 
+    models = [*PROBES, *args.models.split(",")]
+    for model in models[len(PROBES) :]:
+        try:
+            build_model(model)
+        except OptisplitError as exc:
+            print(f"--models: {exc}")
+            return 2
     testbed = load_testbed(args.testbed)
     if not emulate.is_up(testbed):
         print(f"testbed {testbed.name} is not up: optisplit testbed up {testbed.name}")
         return 2
-    models = [*PROBES, *args.models.split(",")]
     rows = []
     for backend in args.backends.split(","):
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in models}
