@@ -66,17 +66,16 @@ def main() -> int:
     args = parser.parse_args()
 
     from optisplit import emulate
+    from optisplit.chain import load_chain
     from optisplit.errors import OptisplitError
     from optisplit.testbed import load_testbed
-    from optisplit.zoo import build_model
 
     models = [*PROBES, *args.models.split(",")]
-    for model in models[len(PROBES) :]:
-        try:
-            build_model(model)
-        except OptisplitError as exc:
-            print(f"--models: {exc}")
-            return 2
+    try:  # traced once here: an unknown model is refused before anything is deployed
+        inputs = {m: load_chain(m, module=PROBES.get(m)).input_bytes for m in models}
+    except OptisplitError as exc:
+        print(f"--models: {exc}")
+        return 2
     testbed = load_testbed(args.testbed)
     if not emulate.is_up(testbed):
         print(f"testbed {testbed.name} is not up: optisplit testbed up {testbed.name}")
@@ -88,7 +87,11 @@ def main() -> int:
             for model in models:
                 runs[model].append(_run(testbed, backend, model))
         for model in models:
-            row: dict[str, Any] = {"backend": backend, "model": model}
+            row: dict[str, Any] = {
+                "backend": backend,
+                "model": model,
+                "input_kib": inputs[model] / 1024,
+            }
             row.update({k: statistics.median(r[k] for r in runs[model]) for k in runs[model][0]})
             row["runs"] = runs[model]
             rows.append(row)
@@ -117,16 +120,13 @@ def main() -> int:
 def _run(testbed: Any, backend: str, model: str) -> dict[str, float]:
     """Deploy ``model`` whole on the testbed's second device once; its costs per request."""
     from bench.wakeups import deploy_whole, helper_figures
-    from optisplit.chain import load_chain
 
-    factory = PROBES.get(model)
-    measured = deploy_whole(testbed, backend, model, factory, warmup=4, window_s=3.0)
+    measured = deploy_whole(testbed, backend, model, PROBES.get(model), warmup=4, window_s=3.0)
     (stage,) = measured["stages"]
     period = 1000.0 / measured["throughput_rps"]
     other = stage["device"]
     figures = helper_figures(testbed, measured)
     return {
-        "input_kib": load_chain(model, module=factory).input_bytes / 1024,
         "period_ms": period,
         "alone_ms": stage["compute_ms"],
         "excess_ms": period - stage["compute_ms"],
