@@ -298,6 +298,7 @@ def calibrate_overheads(
                 out_dir=out,
                 profiles_root=out,  # no profiles: no predictions needed
                 on_progress=on_progress,
+                warn_host_full=False,  # its own probe plans, not the user's
             )
         if not result["measured"]:
             raise RuntimeFailure(

@@ -95,6 +95,7 @@ def validate_plans(
     profiles_root: str = "profiles",
     timeout_s: float = 120.0,
     calibrated: bool = True,
+    warn_host_full: bool = True,
 ) -> list[dict[str, Any]]:
     """Deploy, measure and record every plan; returns the per-plan result dicts.
 
@@ -118,6 +119,9 @@ def validate_plans(
         token: the workers' shared secret; required when the testbed gives worker addresses.
         calibrated: predict with ``backend``'s calibrated overheads where stored
             (``<profiles_root>/overheads``); False: the default overheads.
+        warn_host_full: log a warning for each plan during which a core of the host of local
+            workers was full (``HOST_FULL``); calibration turns it off for its probe plans,
+            which may fill a helper core and which the user never asked for.
 
     Raises:
         UsageError: unknown backend, malformed plan, plan not fitting the model or testbed.
@@ -154,6 +158,7 @@ def validate_plans(
         key: {**result, "resumed": True} for key, result in done.items()
     }
     run = _Run(bed, spec, backend, backend_cls, token, torch_device, todo)
+    run.warn_host_full = warn_host_full
     try:
         for round_ in range(1, rounds + 1):
             for plan in todo:
@@ -266,6 +271,8 @@ class _Run:
         """Cores for this process and the delay forwarder beside local workers (None: any)."""
         self.watch: dict[str, int] = {}
         """Processes whose CPU time per request the measurements report (the forwarder)."""
+        self.warn_host_full = True
+        """Warn when a core of the host was full while a plan streamed (``HOST_FULL``)."""
         self.addresses: dict[str, tuple[str, int]] = {}
         self.backend: Backend
         if backend == "inprocess":
@@ -345,7 +352,7 @@ class _Run:
                 spare_cores=self.helpers or (),  # no spare core: nothing to tell
             )
         busiest = measured.host.get("busiest_core")
-        if busiest and busiest["utilization"] >= HOST_FULL:
+        if self.warn_host_full and busiest and busiest["utilization"] >= HOST_FULL:
             log.warning(
                 "plan %s: core %s of this host was %.0f %% busy while it streamed; the host, "
                 "not only the plan, may have set its throughput",

@@ -288,3 +288,64 @@ def test_testbed_with_addresses_drives_running_workers(
     hops = [(t["src"], t["dst"]) for t in result["measured"]["transfers"]]
     assert hops == [("d0", "d0"), ("d0", "d1"), ("d1", "d0"), ("d0", "d0")]
     assert not [p for p in psutil.Process().children() if "worker" in " ".join(p.cmdline())]
+
+
+def test_a_full_host_core_is_warned_about_unless_the_caller_turns_it_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calibration validates its own probe plans, which may fill a helper core: it turns the
+    warning off, and everyone else gets it."""
+    import dataclasses
+    import logging
+
+    from optisplit.runtime import measure as measure_module
+    from optisplit.testbed import load_testbed
+    from optisplit.validate import validate_plans
+
+    real = measure_module.measure
+
+    def full_core(*args: Any, **kwargs: Any) -> Any:
+        measured = real(*args, **kwargs)
+        return dataclasses.replace(
+            measured, host={**measured.host, "busiest_core": {"core": "1", "utilization": 1.0}}
+        )
+
+    monkeypatch.setattr(measure_module, "measure", full_core)
+    monkeypatch.chdir(ROOT)
+    testbed = load_testbed(str(_testbed(tmp_path)))
+    common: dict[str, Any] = {
+        "backend": "inprocess",
+        "module": FACTORY,
+        "requests": 3,
+        "warmup": 1,
+        "profiles_root": str(tmp_path),
+    }
+    with caplog.at_level(logging.WARNING, logger="optisplit.validate"):
+        (quiet,) = validate_plans(
+            "tiny", testbed, ["d1[0:6]"], out_dir=tmp_path / "q", warn_host_full=False, **common
+        )
+        assert quiet["error"] is None and not caplog.records
+        (loud,) = validate_plans("tiny", testbed, ["d1[0:6]"], out_dir=tmp_path / "l", **common)
+    assert loud["error"] is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "plan d1[0:6]: core 1 of this host was 100 % busy while it streamed; the host, "
+        "not only the plan, may have set its throughput"
+    ]
+
+
+@pytest.mark.slow
+def test_rpc_validation_prints_nothing_but_its_own_lines(tmp_path: Path) -> None:
+    """torch's RPC shutdown warns about its own deprecated use of a Gloo group in every stage
+    process; that is not the user's concern and must not reach their terminal."""
+    out = _cli(
+        "--testbed", str(_testbed(tmp_path)),
+        "--backend", "rpc",
+        "--plan", "d0[0:2] -> d1[2:6]",
+        "--requests", "3", "--warmup", "1", "--window", "0",
+        "--profiles-root", str(tmp_path / "profiles"),
+        "--out", str(tmp_path / "out"),
+        "--json",
+    )  # fmt: skip
+    (result,) = json.loads(out.stdout)["results"]
+    assert result["error"] is None and result["outputs_match"] is True
+    assert "Warning" not in out.stderr, out.stderr

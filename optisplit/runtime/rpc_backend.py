@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -316,6 +317,12 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     driver.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
     from optisplit.runtime.launcher import die_with_parent
+
+    # torch's own rpc.shutdown() gathers over its Gloo group in a way torch itself deprecates;
+    # the warning says nothing about the user's plan and would end up in their terminal
+    warnings.filterwarnings(
+        "ignore", message=r"You are using a Backend .* as a ProcessGroup", category=UserWarning
+    )
 
     die_with_parent()
     return _stage_main(args) if args.role == "stage" else _driver_main(args)
