@@ -3,8 +3,11 @@
 The cost model's formulas cover compute, wire time and copies; what a runtime adds on top is in
 :class:`~optisplit.cost.Overheads`. Three of its terms depend on the backend and the host and
 are measured here with a probe model (:func:`probe_model`, no profile of it needed): a stack of
-3x3 convolutions on a 32x32 input, about 6.5 ms of compute on one core of this host for 12 KB
-of input, so that on a LAN link its transfers take a fraction of its compute and the runtime's own
+3x3 convolutions on a 32x32 input, each with a squeeze-and-excitation gate whose 1 MiB of weights
+make the probe read as many megabytes per request as a zoo model (a zoo model's weights and
+activations push the runtime's own code and data out of the caches, and the runtime costs more
+per request after them), about 7.5 ms of compute on one core of this host for 12 KB of input, so
+that on a LAN link its transfers take a fraction of its compute and the runtime's own
 costs show (a zoo model's 224x224 input takes 4.8 ms per request on a 1 Gbit/s link: as long as
 ``mobilenet_v3_small``'s compute, so the link and not the runtime would set the probe's pace):
 
@@ -156,19 +159,16 @@ class Calibration:
         return cls(**{k: v for k, v in doc.items() if k in fields})
 
 
-def probe_model(channels: int = 64, layers: int = 16) -> tuple[Any, Any]:
-    """The calibration probe (a model factory, ``PROBE_FACTORY``): ``layers`` blocks of a 3x3
-    convolution with ReLU over ``channels`` channels of a 32 x 32 map, then a pooled linear
-    head; returns ``(module, example input)``."""
-    from torch import nn, randn
+def probe_model(channels: int = 64, layers: int = 16, hidden: int = 2048) -> tuple[Any, Any]:
+    """The calibration probe (a model factory, ``PROBE_FACTORY``): a 3x3 convolution with ReLU
+    over a 3 x 32 x 32 input, then ``layers - 1`` blocks of a 3x3 convolution with ReLU and a
+    squeeze-and-excitation gate through ``hidden`` units (:class:`optisplit._probe.ExciteBlock`:
+    1 MiB of weights each, so that the probe reads as many megabytes per request as a zoo
+    model; none with ``hidden=0``), then a pooled linear head; returns
+    ``(module, example input)``."""
+    from optisplit._probe import build
 
-    blocks = [nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())]
-    blocks += [
-        nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
-        for _ in range(layers - 1)
-    ]
-    blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)))
-    return nn.Sequential(*blocks), randn(1, 3, 32, 32)
+    return build(channels, layers, hidden)
 
 
 def long_probe_model() -> tuple[Any, Any]:

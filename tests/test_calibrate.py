@@ -44,9 +44,23 @@ def test_probe_model_is_small_on_the_wire_and_traces_into_blocks() -> None:
     from optisplit.chain import load_chain
 
     chain = load_chain(PROBE_MODEL, module=PROBE_FACTORY)
-    assert chain.n_blocks == 35  # a convolution and a ReLU per layer, 3 blocks of head
+    # a convolution and a ReLU, 15 gated convolution blocks, 3 blocks of head
+    assert chain.n_blocks == 20
     assert chain.input_bytes == 3 * 32 * 32 * 4  # 12 KB: 0.1 ms on a 1 Gbit/s link
     assert chain.cuts[chain.n_blocks // 2 - 1].bytes == 64 * 32 * 32 * 4
+
+
+def test_the_probe_reads_as_many_megabytes_per_request_as_a_zoo_model() -> None:
+    from optisplit._probe import ExciteBlock
+    from optisplit.calibrate import probe_model
+
+    gated, _ = probe_model()
+    gates = [block for block in gated if isinstance(block, ExciteBlock)]
+    assert len(gates) == 15
+    weights = sum(p.numel() * p.element_size() for g in gates for p in g.parameters())
+    assert weights >= 15 * (1 << 20)  # 1 MiB each: mobilenet_v2 has 14 MB of weights
+    plain, _ = probe_model(hidden=0)
+    assert not any(isinstance(m, ExciteBlock) for m in plain.modules())
 
 
 def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path) -> None:
@@ -196,7 +210,7 @@ def test_calibrating_on_loopback_workers(tmp_path: Path) -> None:
         doc["request_ms"],
     )
     measured = doc["measured"]
-    assert measured["plans"] == ["a[0:17] -> b[17:35]", "b[0:35]"]
+    assert measured["plans"] == ["a[0:10] -> b[10:20]", "b[0:20]"]
     assert len(measured["period_ms"]) == len(measured["compute_ms"]) == 2
     for period, compute in zip(measured["period_ms"], measured["compute_ms"], strict=True):
         # streaming is not faster than one request alone, give or take this host's wander: with
@@ -242,9 +256,10 @@ def test_client_and_forwarder_costs_from_the_host_figures() -> None:
 
     # a forwarder that costs 0.05 ms per message and 2 ms per MB; four messages per request:
     # input in, the source's transfer, the output back, the output out
-    inp, out, cut = chain.input_bytes, chain.output_bytes, chain.cuts[16].bytes
+    half, blocks = chain.n_blocks // 2, chain.n_blocks
+    inp, out, cut = chain.input_bytes, chain.output_bytes, chain.cuts[half - 1].bytes
     split_mb, alone_mb = (inp + cut + 2 * out) / 1e6, (2 * inp + 2 * out) / 1e6
-    split, alone = "slow1[0:17] -> fast[17:35]", "fast[0:35]"
+    split, alone = f"slow1[0:{half}] -> fast[{half}:{blocks}]", f"fast[0:{blocks}]"
     for client in (0.5, 0.7):
         helpers.add(split, figures({"slow1": 4.0, "fast": 3.0}, 0.2 + 2 * split_mb, client))
         helpers.add(alone, figures({"slow1": 0.4, "fast": 6.5}, 0.2 + 2 * alone_mb, client))
@@ -257,8 +272,8 @@ def test_client_and_forwarder_costs_from_the_host_figures() -> None:
     copy = Overheads().copy_ms
     measured = figures({"slow1": 4.0, "fast": 3.0}, 0.2, 0.5)
     measured["stages"] = [
-        {"device": "slow1", "start": 0, "end": 17, "compute_ms": 7.5},
-        {"device": "fast", "start": 17, "end": 35, "compute_ms": 3.0},
+        {"device": "slow1", "start": 0, "end": half, "compute_ms": 7.5},
+        {"device": "fast", "start": half, "end": blocks, "compute_ms": 3.0},
     ]
     helpers.add(split, measured)
     expected = (4.0 - 7.5 * 0.4 - copy(cut) - copy(out)) / 2
@@ -267,7 +282,7 @@ def test_client_and_forwarder_costs_from_the_host_figures() -> None:
     helpers.add(split, {"host": {}})
     assert len(helpers.clients) == 5
     pair = _HostCosts(two_device_testbed(rtt_ms=0.2, mbps=1000.0), chain)
-    pair.add("a[0:35]", figures({}, 0.1, 0.7))
+    pair.add(f"a[0:{blocks}]", figures({}, 0.1, 0.7))
     assert pair.cores == () and pair.client_ms() == 0.0 and pair.forward_terms() == (0.0, 0.0)
 
 
@@ -316,7 +331,8 @@ def test_waiting_shares_from_the_whole_probe_plans_of_both_probes() -> None:
     message, _ = helpers.forward_terms()
     assert message == pytest.approx(0.2 / 4)  # four messages per request
     # plans of other shapes add per-request samples but do not move the shares
-    helpers.add("slow[0:17] -> fast[17:35]", alone(12.0))
+    half = chain.n_blocks // 2
+    helpers.add(f"slow[0:{half}] -> fast[{half}:{chain.n_blocks}]", alone(12.0))
     assert helpers.worker_wait_share() == pytest.approx(0.04)
     # one of three rounds disturbed by other work on the core moves a third of the slopes
     # between short and long plans, not their median

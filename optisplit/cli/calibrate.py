@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
         "calibrate",
         help="measure a runtime backend's per-message and per-request costs on a testbed",
         description=(
-            "Deploy a small probe model (a stack of 3x3 convolutions) on the testbed, split "
+            "Deploy a small probe model (a stack of gated 3x3 convolutions that reads as many megabytes per request as a zoo model) on the testbed, split "
             "across the source and another device and then whole on that device, and read what "
             "the runtime costs beyond compute and wire time: per message (message_ms), per "
             "hand-off at the source and sink (handoff_ms) and per request while requests stream "
