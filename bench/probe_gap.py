@@ -5,7 +5,10 @@
 relaying their input and output, and reads what the runtime spends per request beside the
 model's compute, for models of about the same compute:
 
-- ``probe``: the calibration probe with 32 layers (12 KiB in, 40 bytes out);
+- ``plain``: the calibration probe with 32 layers and without its squeeze-and-excitation gates
+  (12 KiB in, 40 bytes out; 4.4 MiB of weights), as the probe was before it had them;
+- ``probe``: the calibration probe with 32 layers (36 MiB of weights: as many megabytes per
+  request as a zoo model);
 - ``probe_wide_io``: ``probe`` behind a 7x7, stride-7 convolution of a 224 x 224 image and with
   a head of 1000 classes (588 KiB in, 4 KiB out, as the zoo models);
 - the zoo models of ``--models`` (default ``mobilenet_v2``).
@@ -34,7 +37,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not bench/: its scripts would shadow modules (profile)
 
-PROBES = {"probe": "bench.probe_gap:probe", "probe_wide_io": "bench.probe_gap:wide_io"}
+PROBES = {
+    "plain": "bench.probe_gap:plain",
+    "probe": "bench.probe_gap:probe",
+    "probe_wide_io": "bench.probe_gap:wide_io",
+}
+
+
+def plain() -> Any:
+    """The calibration probe with 32 layers, without its gates (a model factory)."""
+    from optisplit.calibrate import probe_model
+
+    return probe_model(layers=32, hidden=0)
 
 
 def probe() -> Any:

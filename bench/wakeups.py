@@ -32,9 +32,11 @@ LAYERS = (16, 24, 32, 48, 64)
 
 
 def probe(layers: int) -> Any:
+    """The calibration probe's convolutions without its gates (``hidden=0``), as the README's
+    table was measured: the periods below are theirs."""
     from optisplit.calibrate import probe_model
 
-    return probe_model(layers=layers)
+    return probe_model(layers=layers, hidden=0)
 
 
 # model factories for the workers (``module:function``, no arguments)
