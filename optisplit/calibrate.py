@@ -3,18 +3,20 @@
 The cost model's formulas cover compute, wire time and copies; what a runtime adds on top is in
 :class:`~optisplit.cost.Overheads`. Three of its terms depend on the backend and the host and
 are measured here with a probe model (:func:`probe_model`, no profile of it needed): a stack of
-3x3 convolutions on a 32x32 input, each with a squeeze-and-excitation gate whose 1 MiB of weights
-make the probe read as many megabytes per request as a zoo model (a zoo model's weights and
-activations push the runtime's own code and data out of the caches, and the runtime costs more
-per request after them), about 7.5 ms of compute on one core of this host for 12 KB of input, so
-that on a LAN link its transfers take a fraction of its compute and the runtime's own
-costs show (a zoo model's 224x224 input takes 4.8 ms per request on a 1 Gbit/s link: as long as
-``mobilenet_v3_small``'s compute, so the link and not the runtime would set the probe's pace):
+3x3 convolutions on a 32x32 input, all but the first with a squeeze-and-excitation gate whose
+1 MiB of weights make the probe read as many megabytes per request as a zoo model (a zoo
+model's weights and activations push the runtime's own code and data out of the caches, and the
+runtime costs more per request after them), about 7.5 ms of compute on one core of this host for
+12 KB of input, so that on a LAN link its transfers take a fraction of its compute and the
+runtime's own costs show (a zoo model's 224x224 input takes 4.8 ms per request on a 1 Gbit/s
+link: as long as ``mobilenet_v3_small``'s compute, so the link and not the runtime would set
+the probe's pace):
 
 - ``handoff_ms`` and ``message_ms``: a split plan ``source[0:c] -> other[c:B]`` is deployed and
-  its hop times read (medians over the rounds). ``handoff_ms`` is the mean of the two local hand-offs (client ->
-  first stage at the source, last stage -> client at the sink); ``message_ms`` is the median,
-  over the cross-device hops, of hop time - one-way delay - wire time - copy time.
+  its hop times read (medians over the rounds). ``handoff_ms`` is the mean of the two local
+  hand-offs (client -> first stage at the source, last stage -> client at the sink);
+  ``message_ms`` is the median, over the cross-device hops, of hop time - one-way delay - wire
+  time - copy time.
 - ``request_ms``: ``other[0:B]`` is deployed (the source relays input and output) with requests
   streaming; ``request_ms`` is what its period per request leaves beyond the stage's compute and
   copies, read with the cost model's rule (the stage's device pays it once, the relay twice; the

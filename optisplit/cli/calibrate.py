@@ -28,10 +28,11 @@ def register(subparsers: Any) -> None:
         "calibrate",
         help="measure a runtime backend's per-message and per-request costs on a testbed",
         description=(
-            "Deploy a small probe model (a stack of gated 3x3 convolutions that reads as many megabytes per request as a zoo model) on the testbed, split "
-            "across the source and another device and then whole on that device, and read what "
-            "the runtime costs beyond compute and wire time: per message (message_ms), per "
-            "hand-off at the source and sink (handoff_ms) and per request while requests stream "
+            "Deploy a small probe model (a stack of gated 3x3 convolutions that reads as many "
+            "megabytes per request as a zoo model) on the testbed, split across the source and "
+            "another device and then whole on that device, and read what the runtime costs "
+            "beyond compute and wire time: per message (message_ms), per hand-off at the "
+            "source and sink (handoff_ms) and per request while requests stream "
             "(request_ms); on a testbed emulated on one host also the CPU time per request of "
             "the runtime on a device per stage (request_cpu_ms), of the client feeding it "
             "(client_ms) and of the delay forwarder per message "
