@@ -157,8 +157,9 @@ def validate_plans(
     outcome: dict[str, dict[str, Any]] = {
         key: {**result, "resumed": True} for key, result in done.items()
     }
-    run = _Run(bed, spec, backend, backend_cls, token, torch_device, todo)
-    run.warn_host_full = warn_host_full
+    run = _Run(
+        bed, spec, backend, backend_cls, token, torch_device, todo, warn_host_full=warn_host_full
+    )
     try:
         for round_ in range(1, rounds + 1):
             for plan in todo:
@@ -262,6 +263,8 @@ class _Run:
         token: bytes | None,
         torch_device: str,
         plans: Sequence[Plan],
+        *,
+        warn_host_full: bool = True,
     ) -> None:
         self.testbed = testbed
         self.spec = spec
@@ -271,7 +274,7 @@ class _Run:
         """Cores for this process and the delay forwarder beside local workers (None: any)."""
         self.watch: dict[str, int] = {}
         """Processes whose CPU time per request the measurements report (the forwarder)."""
-        self.warn_host_full = True
+        self.warn_host_full = warn_host_full
         """Warn when a core of the host was full while a plan streamed (``HOST_FULL``)."""
         self.addresses: dict[str, tuple[str, int]] = {}
         self.backend: Backend
