@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -116,8 +117,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert all(stored[k] == doc["overheads"][k] for k in terms)
     assert 0 <= doc["overheads"]["client_wait_share"] < 0.5  # a share of a core, read off
     assert len(stored["measured"]["waits"]) == 2 * 2  # both probes' whole plans, 2 rounds
-    # the demo's testbed shares this host: its client and forwarder cost CPU on it
-    assert stored["client_ms"] > 0 and stored["forward_ms"] + stored["forward_ms_per_mb"] > 0
+    # the demo's testbed shares this host: its client and forwarder cost CPU on it. How that
+    # cost splits between a fixed part and a part that grows with the period is the host's
+    # (on some hosts the fixed part fits to 0): their sum at the probes' periods is not 0
+    clients = stored["measured"]["client_ms"]
+    assert clients and statistics.median(c["ms"] for c in clients) > 0
+    fixed = stored["client_ms"] + stored["forward_ms"] + stored["forward_ms_per_mb"]
+    assert all(fixed + stored["client_wait_share"] * c["period_ms"] > 0 for c in clients)
     report = Path(doc["report"]).read_text()
     assert "latency MAPE" in report and doc["front"][0] in report
     assert Path(doc["plot"]).read_bytes()[:4] == b"\x89PNG"
