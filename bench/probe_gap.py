@@ -20,9 +20,21 @@ cost model counts it in ``request_ms``), the device's CPU per request beyond ``a
 (``cpu excess``), the source's relay CPU, the delay forwarder's and the client's (what the
 helper cores' busy time leaves after the other two).
 
+With ``--split F`` (0 < F < 1) each model is split instead: the source runs its first ``F`` of
+the blocks and the second device the rest (``source[0:c] -> other[c:B]``), as calibration's
+split plan does. The source is the paced device whose core the client and the delay forwarder
+share: its stage computes there while they work. Per model and backend: the period, each
+stage's compute with one request in flight (``src alone``, ``dst alone``) and while requests
+stream (``src stream``, ``dst stream``: a stage that shares its core, or the host's caches,
+with work that streams beside it computes slower), the hop to the second device and the hop
+back (``hop in``, ``hop back``: their time as the runtime measures it, wire time included),
+the period beyond the slower stage's streaming compute (``excess``), the forwarder's and the
+client's CPU per request.
+
 Run with the testbed up under ``lan`` (``optisplit testbed up local --condition lan``):
 ``.venv/bin/python bench/probe_gap.py [--testbed local] [--models mobilenet_v2] [--rounds 3]
-[--backends socket,rpc]``; prints a table and writes ``bench/results/probe_gap.json``.
+[--backends socket,rpc] [--split F]``; prints a table and writes
+``bench/results/probe_gap.json`` (``probe_gap-split.json`` with ``--split``).
 """
 
 from __future__ import annotations
@@ -76,8 +88,19 @@ def main() -> int:
     parser.add_argument("--models", default="mobilenet_v2", help="zoo models, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", default="socket,rpc")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "probe_gap.json"))
+    parser.add_argument(
+        "--split",
+        type=float,
+        default=0.0,
+        help="split each model: the source runs this fraction of its blocks (default 0: whole)",
+    )
+    parser.add_argument("--out", help="JSON path (default bench/results/probe_gap[-split].json)")
     args = parser.parse_args()
+    if not 0.0 <= args.split < 1.0:
+        print(f"--split: expected a fraction in [0, 1), got {args.split}")
+        return 2
+    name = "probe_gap-split.json" if args.split else "probe_gap.json"
+    out = Path(args.out or ROOT / "bench" / "results" / name)
 
     from optisplit import emulate
     from optisplit.chain import load_chain
@@ -99,7 +122,7 @@ def main() -> int:
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in models}
         for _ in range(args.rounds):  # the models take turns: a slow spell spreads over all
             for model in models:
-                runs[model].append(_run(testbed, backend, model))
+                runs[model].append(_run(testbed, backend, model, args.split))
         for model in models:
             row: dict[str, Any] = {
                 "backend": backend,
@@ -109,45 +132,78 @@ def main() -> int:
             row.update({k: statistics.median(r[k] for r in runs[model]) for k in runs[model][0]})
             row["runs"] = runs[model]
             rows.append(row)
-    keys = (
-        "input_kib",
-        "period_ms",
-        "alone_ms",
-        "excess_ms",
-        "cpu_excess_ms",
-        "relay_ms",
-        "forwarder_ms",
-        "client_ms",
-    )
-    head = f"{'backend':8}{'model':18}" + "".join(f"{k.replace('_', ' '):>15}" for k in keys)
+    keys = SPLIT_KEYS if args.split else WHOLE_KEYS
+    head = f"{'backend':8}{'model':18}" + "".join(f"{k.replace('_', ' '):>14}" for k in keys)
     print(head)
     print("-" * len(head))
     for row in rows:
-        print(f"{row['backend']:8}{row['model']:18}" + "".join(f"{row[k]:15.2f}" for k in keys))
-    doc = {"testbed": testbed.name, "rounds": args.rounds, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+        print(f"{row['backend']:8}{row['model']:18}" + "".join(f"{row[k]:14.2f}" for k in keys))
+    doc = {"testbed": testbed.name, "rounds": args.rounds, "split": args.split, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {out}")
     return 0
 
 
-def _run(testbed: Any, backend: str, model: str) -> dict[str, float]:
-    """Deploy ``model`` whole on the testbed's second device once; its costs per request."""
+WHOLE_KEYS = (
+    "input_kib",
+    "period_ms",
+    "alone_ms",
+    "excess_ms",
+    "cpu_excess_ms",
+    "relay_ms",
+    "forwarder_ms",
+    "client_ms",
+)
+SPLIT_KEYS = (
+    "period_ms",
+    "src_alone_ms",
+    "src_stream_ms",
+    "dst_alone_ms",
+    "dst_stream_ms",
+    "hop_in_ms",
+    "hop_back_ms",
+    "excess_ms",
+    "forwarder_ms",
+    "client_ms",
+)
+
+
+def _run(testbed: Any, backend: str, model: str, split: float) -> dict[str, float]:
+    """Deploy ``model`` on the testbed once (whole on its second device, or split at ``split``
+    of its blocks); its costs per request."""
     from bench.wakeups import deploy_whole, helper_figures
 
-    measured = deploy_whole(testbed, backend, model, PROBES.get(model), warmup=4, window_s=3.0)
-    (stage,) = measured["stages"]
+    measured = deploy_whole(
+        testbed, backend, model, PROBES.get(model), warmup=4, window_s=3.0, split=split
+    )
     period = 1000.0 / measured["throughput_rps"]
-    other = stage["device"]
     figures = helper_figures(testbed, measured)
+    helpers = {"forwarder_ms": figures["forwarder_ms"], "client_ms": figures["client_ms"]}
+    if split:
+        src, dst = measured["stages"]
+        # the transfers: the hand-off at the source, the cut, the output back, the hand-off
+        hop_in, hop_back = (t["ms"] for t in measured["transfers"] if t["src"] != t["dst"])
+        return {
+            "period_ms": period,
+            "src_alone_ms": src["compute_ms"],
+            "src_stream_ms": src["streaming_compute_ms"],
+            "dst_alone_ms": dst["compute_ms"],
+            "dst_stream_ms": dst["streaming_compute_ms"],
+            "hop_in_ms": hop_in,
+            "hop_back_ms": hop_back,
+            "excess_ms": period - max(src["streaming_compute_ms"], dst["streaming_compute_ms"]),
+            **helpers,
+        }
+    (stage,) = measured["stages"]
+    other = stage["device"]
     return {
         "period_ms": period,
         "alone_ms": stage["compute_ms"],
         "excess_ms": period - stage["compute_ms"],
         "cpu_excess_ms": measured["host"]["devices_ms"][other] - stage["compute_ms"],
         "relay_ms": figures["relay_ms"],
-        "forwarder_ms": figures["forwarder_ms"],
-        "client_ms": figures["client_ms"],
+        **helpers,
     }
 
 

@@ -104,19 +104,26 @@ def deploy_whole(
     *,
     warmup: int = 2,
     window_s: float = 2.0,
+    split: float = 0.0,
 ) -> dict[str, Any]:
     """Deploy ``model`` whole on the testbed's second device (the source relays its input and
-    output) once, 8 requests in flight; its measurement."""
+    output) once, 8 requests in flight; its measurement. With ``split`` > 0 the source runs the
+    first ``split`` of the blocks (at least one) and the second device the rest."""
     from optisplit.chain import load_chain
     from optisplit.validate import validate_plans
 
     blocks = load_chain(model, module=factory).n_blocks
-    other = next(d for d in testbed.devices if d != testbed.source)
+    source = testbed.source
+    other = next(d for d in testbed.devices if d != source)
+    plan = f"{other}[0:{blocks}]"
+    if split > 0:
+        cut = min(max(round(split * blocks), 1), blocks - 1)
+        plan = f"{source}[0:{cut}] -> {other}[{cut}:{blocks}]"
     with tempfile.TemporaryDirectory(prefix="optisplit-bench-") as out:
         (result,) = validate_plans(
             model,
             testbed,
-            [f"{other}[0:{blocks}]"],
+            [plan],
             backend=backend,
             requests=40,
             warmup=warmup,

@@ -18,9 +18,11 @@ class ExciteBlock(nn.Module):  # type: ignore[misc]
     zoo model, whose weights and activations push the runtime's own code and data out of the
     core's caches between requests. A probe of convolutions alone (2.2 MB of weights, about
     this host's 2 MiB of L2 cache) left them there, and the runtime cost less per request with
-    it than with zoo models: over RPC on ``local``, with the probe split between ``slow`` and
-    ``fast``, its hops back to the client took 0.84 and 0.86 ms against mobilenet_v2's 1.26
-    and 1.17 ms; with the gates, 1.17 and 1.21 ms.
+    it than with zoo models: the calibrated RPC terms on ``local`` rose by 0.15-0.6 ms with the
+    gates, towards what the zoo models' own hand-offs took (README, "Calibration"). Over RPC,
+    split at half its blocks between ``slow`` and ``fast`` (``bench/probe_gap.py --split 0.5``,
+    3 rounds), the plain probe's hops back to the client took 0.93 ms (median; 0.85-1.09), the
+    gated probe's 1.09 (1.03-1.13) and mobilenet_v2's 1.06 (1.04-1.21).
     """
 
     def __init__(self, channels: int, hidden: int) -> None:
