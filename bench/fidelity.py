@@ -13,12 +13,14 @@ during it) is taken again, at most twice, and so are all of them when the device
 profiles disagree by more than ``CPU_CLOCK_AGREE`` (they time the same silicon).
 
     .venv/bin/python bench/fidelity.py [--models resnet18,mobilenet_v2] [--testbeds local,local3]
-        [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 2]
+        [--conditions lan,wifi,constrained] [--backends socket,rpc] [--requests 20] [--rounds 3]
         [--window 2] [--repeats 40] [--spread 30] [--clock cpu] [--profile-once | --reuse-profiles]
 
 Each device's profile is spread over ``--spread`` seconds and every front plan is validated in
 ``--rounds`` interleaved rounds (this host's speed wanders by 10-20 % over seconds), each
 throughput measurement lasting at least ``--window`` seconds (``optisplit validate --window``).
+Three rounds by default: the median of three sets aside one round that a slow spell caught,
+where the median of two is their mean (a full run takes about 48 minutes instead of 42).
 Right before each ``lan`` case the backend is calibrated (:mod:`optisplit.calibrate`, as
 ``optisplit calibrate``: per-message, hand-off and per-request costs; they drift by a millisecond
 or two over minutes here); ``wifi`` and ``constrained`` cases reuse the last calibration (the
@@ -83,7 +85,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=2,
+        default=3,
         help="validation rounds: every front plan measured this many times, plans taking turns",
     )
     parser.add_argument(
