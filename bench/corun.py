@@ -74,16 +74,23 @@ def _loop(spec: tuple[str, int, int], core: int, seconds: float, rest_ms: float)
         [sys.executable, "-c", _LOOP, *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
+def _failed(spec: tuple[str, int, int], stderr: str) -> SystemExit:
+    """The loop's own last line of error (an unknown model, a block range out of range)."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    return SystemExit("{}[{}:{}]: ".format(*spec) + lines[-1])
+
+
 def _victim(spec: tuple[str, int, int], args: argparse.Namespace) -> float:
     proc = _loop(spec, args.victim_core, args.seconds, args.rest_ms)
-    out, _ = proc.communicate()
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"{spec}: the timing loop failed")
+        raise _failed(spec, err)
     return float(out.split()[-2])
 
 
@@ -94,12 +101,13 @@ def _beside(
     try:
         assert other.stdout is not None
         if other.stdout.readline().strip() != "ready":
-            raise SystemExit(f"{neighbour}: the neighbour failed to start")
+            other.wait()
+            raise _failed(neighbour, other.stderr.read() if other.stderr else "")
         time.sleep(1.0)
         return _victim(spec, args)
     finally:
         other.kill()
-        other.wait()
+        other.communicate()
 
 
 def main() -> int:
