@@ -18,6 +18,12 @@ Definitions (every figure ``optisplit compare`` prints):
   (round 2 against round 1, round 3 against round 2, ...), averaged over the pairs of rounds,
   over the plans measured in both: how well the measurement agrees with itself, a floor under
   what any prediction can show (``None`` with a single round).
+- **stream slowdown** of a plan: the largest ``streaming_compute_ms / compute_ms - 1`` over its
+  stages of 1 ms or more, in percent: how much slower a stage computed while requests streamed
+  (the throughput phase) than with one request in flight (the latency phase). Profiles time
+  blocks one request at a time, so a throughput over-estimate of about this size is the
+  stages' compute, not the network's or the runtime's. ``None`` where the measurement has no
+  stage figures. The comparison's is the median over the plans measured without error.
 - **hypervolume** (pymoo ``HV``) of each front in (latency_ms, -throughput_rps), both against
   one reference point: ``(1.1 × the largest latency, predicted or measured, 0 requests/s)``, so
   the two numbers are directly comparable (they are in ms × requests/s).
@@ -26,6 +32,7 @@ Definitions (every figure ``optisplit compare`` prints):
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,6 +76,9 @@ class PlanComparison:
     """What the cost model said bounds the throughput (``Evaluation.bound``), where known."""
     host_busiest: float | None = None
     """Utilisation of the busiest core of the local workers' host while the plan streamed."""
+    stream_slowdown_pct: float | None = None
+    """How much slower its slowest-to-stream stage computed while requests streamed than one
+    at a time, in percent (see the module docstring)."""
 
     @property
     def ok(self) -> bool:
@@ -113,6 +123,7 @@ class PlanComparison:
             "error": self.error,
             "predicted_bound": self.predicted_bound,
             "host_busiest": self.host_busiest,
+            "stream_slowdown_pct": self.stream_slowdown_pct,
         }
 
 
@@ -145,6 +156,14 @@ class Comparison:
     def failed(self) -> tuple[PlanComparison, ...]:
         return tuple(p for p in self.plans if not p.ok)
 
+    @property
+    def stream_slowdown_pct(self) -> float | None:
+        """Median of the measured plans' stream slowdowns (None: no stage figures)."""
+        values = [
+            p.stream_slowdown_pct for p in self.measured if p.stream_slowdown_pct is not None
+        ]
+        return statistics.median(values) if values else None
+
     def to_dict(self) -> dict[str, Any]:
         """The ``compare --json`` object."""
         return {
@@ -160,6 +179,7 @@ class Comparison:
             "front_precision": self.front_precision,
             "front_recall": self.front_recall,
             "repeatability": dict(self.repeatability) if self.repeatability else None,
+            "stream_slowdown_pct": self.stream_slowdown_pct,
             "info": dict(self.info),
             "plans": [p.to_dict() for p in self.plans],
         }
@@ -315,6 +335,7 @@ def plans_from_results(results: Sequence[Mapping[str, Any]]) -> list[PlanCompari
                 measured_rounds=_rounds(measured),
                 predicted_bound=predicted.get("bound"),
                 host_busiest=_busiest(measured),
+                stream_slowdown_pct=_stream_slowdown(measured),
             )
         )
     return plans
@@ -335,6 +356,7 @@ def _plan_from_trial(attrs: Mapping[str, Any], key: str) -> PlanComparison:
         measured_rounds=_rounds(measured),
         predicted_bound=attrs.get("bound"),
         host_busiest=_busiest(measured),
+        stream_slowdown_pct=_stream_slowdown(measured),
     )
 
 
@@ -343,6 +365,20 @@ def _busiest(measured: Mapping[str, Any]) -> float | None:
     host = measured.get("host")
     busiest = host.get("busiest_core") if isinstance(host, Mapping) else None
     return _opt_float(busiest.get("utilization")) if isinstance(busiest, Mapping) else None
+
+
+def _stream_slowdown(measured: Mapping[str, Any]) -> float | None:
+    """The largest ``streaming_compute_ms / compute_ms - 1`` (percent) over the stages of 1 ms
+    or more in a ``measured`` object; None without such stages."""
+    slowdowns = []
+    for stage in measured.get("stages") or ():
+        if not isinstance(stage, Mapping):
+            continue
+        alone = _opt_float(stage.get("compute_ms"))
+        streaming = _opt_float(stage.get("streaming_compute_ms"))
+        if alone is not None and streaming is not None and alone >= 1.0:
+            slowdowns.append(100.0 * (streaming / alone - 1.0))
+    return max(slowdowns) if slowdowns else None
 
 
 def _rounds(measured: Mapping[str, Any]) -> tuple[tuple[float, float], ...]:

@@ -126,6 +126,7 @@ class DemoResult:
             "front_precision": c.front_precision,
             "front_recall": c.front_recall,
             "repeatability": dict(c.repeatability) if c.repeatability else None,
+            "stream_slowdown_pct": c.stream_slowdown_pct,
             "overheads": dict(self.overheads),
             "calibrated": self.calibrated,
             "seconds": dict(self.seconds),

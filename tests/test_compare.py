@@ -341,3 +341,53 @@ def test_predicted_bound_and_host_utilisation_reach_the_report() -> None:
     assert first.to_dict()["predicted_bound"] == "core 1"
     text = comparison_markdown(comparison)
     assert "| core 1 | 97 |" in text and "| n/a | n/a |" in text
+
+
+def _stage(device: str, alone: float, streaming: float) -> dict[str, Any]:
+    return {"device": device, "compute_ms": alone, "streaming_compute_ms": streaming}
+
+
+def test_stream_slowdown_is_the_stage_that_slowed_most_while_requests_streamed() -> None:
+    from optisplit.report import comparison_markdown
+
+    results = [
+        {  # the paced stage computed 20 % slower while requests streamed; the other 5 % faster
+            "plan": "a[0:1] -> b[1:2]",
+            "predicted": {"latency_ms": 10.0, "throughput_rps": 120.0},
+            "measured": _measured(
+                11.0, 100.0, stages=[_stage("a", 10.0, 12.0), _stage("b", 8.0, 7.6)]
+            ),
+            "outputs_match": True,
+            "error": None,
+        },
+        {  # a sub-millisecond stage's ratio is its timer's noise: left out
+            "plan": "b[0:1] -> a[1:2]",
+            "predicted": {"latency_ms": 12.0, "throughput_rps": 90.0},
+            "measured": _measured(
+                12.0, 90.0, stages=[_stage("b", 9.0, 9.18), _stage("a", 0.5, 0.9)]
+            ),
+            "outputs_match": True,
+            "error": None,
+        },
+        {  # an older result without stage figures
+            "plan": "a[0:2]",
+            "predicted": {"latency_ms": 20.0, "throughput_rps": 50.0},
+            "measured": _measured(20.0, 50.0),
+            "outputs_match": True,
+            "error": None,
+        },
+    ]
+    comparison = compare_plans(plans_from_results(results))
+    first, second, third = comparison.plans
+    assert first.stream_slowdown_pct == pytest.approx(20.0)
+    assert second.stream_slowdown_pct == pytest.approx(2.0)
+    assert third.stream_slowdown_pct is None
+    assert comparison.stream_slowdown_pct == pytest.approx(11.0)  # median of 20 and 2
+    doc = comparison.to_dict()
+    assert doc["stream_slowdown_pct"] == pytest.approx(11.0)
+    assert doc["plans"][0]["stream_slowdown_pct"] == pytest.approx(20.0)
+    text = comparison_markdown(comparison)
+    assert "| stages slower while streaming (median) | 11.00 % |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `a[0:1] -> b[1:2]`"))
+    header = next(line for line in text.splitlines() if line.startswith("| plan |"))
+    assert row.count("|") == header.count("|") and "| +20.0 |" in row

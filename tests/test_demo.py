@@ -109,6 +109,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert doc["repeatability"]["rounds"] == 2  # the demo measures in 2 rounds
     # how far the stages ran from their profiles: a real figure, not a wild one
     assert isinstance(doc["compute_drift"], float) and abs(doc["compute_drift"]) < 1.0
+    # and how much slower they computed while requests streamed: measured, and not wild
+    assert isinstance(doc["stream_slowdown_pct"], float) and abs(doc["stream_slowdown_pct"]) < 100
     # the runtime was calibrated on the testbed, and the study predicted with that calibration
     terms = {"message_ms", "handoff_ms", "request_ms", "request_cpu_ms", "client_ms", "forward_ms"}
     terms |= {"forward_ms_per_mb", "client_wait_share", "worker_wait_share"}

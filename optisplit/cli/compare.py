@@ -111,6 +111,7 @@ def _print(comparison: Comparison) -> None:
         ["hypervolume measured", _or_dash(comparison.hv_measured)],
         ["front precision", _or_dash(comparison.front_precision)],
         ["front recall", _or_dash(comparison.front_recall)],
+        ["stages slower while streaming % (median)", _or_dash(comparison.stream_slowdown_pct)],
     ]
     repeat = comparison.repeatability
     if repeat:

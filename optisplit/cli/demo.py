@@ -183,6 +183,13 @@ def _print(result: DemoResult) -> None:
     drift = result.compute_drift
     if drift is not None:
         figures.append(("stages' compute against their profiles", f"{drift:+.1%}"))
+    if c.stream_slowdown_pct is not None:
+        figures.append(
+            (
+                "stages slower while requests streamed than one at a time",
+                f"{c.stream_slowdown_pct:+.1f} % (median over the plans of their slowest stage)",
+            )
+        )
     for label, value in figures:
         print(f"{label}: {value}")
     if drift is not None and abs(drift) > DRIFT_WARN:
