@@ -29,7 +29,9 @@ same measurements against predictions without ``request_ms``, ``thr-h%`` without
 host's per-core bound (as if each device were a machine of its own). ``thr ord%`` is the share
 of plan pairs measured in the predicted throughput order, over the pairs whose predicted
 throughputs differ by more than the case's round-against-round error (``rr thr%``): Spearman
-over a front of near-equal plans ranks the measurement's noise.
+over a front of near-equal plans ranks the measurement's noise. ``strm%`` and ``strm max%`` are
+the median and the largest over the plans of ``compare``'s stream slowdown: how much slower a
+plan's slowest-to-stream stage computed while requests streamed than one at a time.
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).
@@ -270,7 +272,8 @@ def _diagnostics(
     (``thin_front``: what ``optisplit search`` and ``demo`` show by default), a subset of the
     plans measured."""
     given = compare_plans(plans_from_results(_given_compute(cost, results)), backend=backend)
-    repeat = compare_plans(plans_from_results(results), backend=backend).repeatability
+    measured = compare_plans(plans_from_results(results), backend=backend)
+    repeat = measured.repeatability
     evaluations = {r["plan"]: cost.evaluate(Plan.parse(r["plan"])) for r in results}
     kept = {str(e.plan) for e in thin_front(pareto_front(list(evaluations.values())), epsilon)}
     thinned = compare_plans(
@@ -293,6 +296,15 @@ def _diagnostics(
             "throughput_spearman": given.throughput_spearman,
         },
         "round_vs_round": dict(repeat or {}),
+        "stream_slowdown_pct": measured.stream_slowdown_pct,
+        "stream_slowdown_max_pct": max(
+            (
+                p.stream_slowdown_pct
+                for p in measured.measured
+                if p.stream_slowdown_pct is not None
+            ),
+            default=None,
+        ),
         "resolved_pairs": _resolved_pairs(results, repeat),
         "host_full": _host_full(cost, results),
     }
@@ -425,7 +437,11 @@ def _pct(share: float | None) -> float | None:
 
 
 def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """``value`` formatted with ``spec``; a missing one as ``-``, right-aligned in its width."""
+    if value is None:
+        width = spec.lstrip("+").split(".")[0].rstrip("dfs")
+        return "-".rjust(int(width or 0))
+    return format(value, spec)
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
@@ -433,7 +449,8 @@ def _print(rows: list[dict[str, Any]]) -> None:
         f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
         f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'thr-h%':>6} "
         f"{'lat rho':>7} {'thr rho':>7} {'thr ord%':>8} "
-        f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'rr thr%':>7} "
+        f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'strm%':>5} {'strm max%':>9} "
+        f"{'rr thr%':>7} "
         f"{'rr rho':>6} {'eps n':>5} {'eps lat%':>8} {'eps thr%':>8} {'eps lrho':>8} "
         f"{'eps trho':>8} {'s':>6}"
     )
@@ -454,6 +471,8 @@ def _print(rows: list[dict[str, Any]]) -> None:
             f"{_fmt(r['front_precision'], '5.2f')} "
             f"{_fmt(r['front_recall'], '6.2f')} {_fmt(r.get('compute_mape'), '9.1f')} "
             f"{_fmt(given.get('throughput_mape'), '6.1f')} "
+            f"{_fmt(r.get('stream_slowdown_pct'), '+5.1f')} "
+            f"{_fmt(r.get('stream_slowdown_max_pct'), '+9.1f')} "
             f"{_fmt(repeat.get('throughput_mape'), '7.1f')} "
             f"{_fmt(repeat.get('throughput_spearman'), '6.2f')} "
             f"{_fmt(thin.get('plans'), '5d')} {_fmt(thin.get('latency_mape'), '8.1f')} "
