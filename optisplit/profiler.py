@@ -18,7 +18,8 @@ untimed run. Allocator caching and kernels' private scratch buffers are not incl
 run, a few blocks in turn each run alone after a rest of ``ENTRY_REST_S``, on a fresh copy of
 the input they take in the chain, until every block has about ``ENTRY_SAMPLES`` such runs.
 ``entry_ms`` is the block's median time plus the median of what each such run took beyond the
-block's time in the same round's chain (paired, so that the host's drift cancels out).
+block's time in the same round's chain (paired, so that the host's drift cancels out), that
+median at least 0 (the cost model adds no less).
 A stage whose input arrives from another device starts like that: its core rested (or ran
 other work) while it waited, and its input was just written by the receiving thread. Here such
 a start cost resnet18's last residual block about 1 ms more than its 4-5 ms in the middle of
@@ -525,7 +526,9 @@ def _build_profile(
             param_bytes=info.param_bytes,
             mem_bytes=mem[i],
             entry_ms=(
-                _percentile(block_ms[i], 50) + _percentile(start_extra_ms[i], 50)
+                # a start that costs nothing measurable leaves the block's time: a block of
+                # microseconds on a busy host can draw a median beyond minus its own time
+                _percentile(block_ms[i], 50) + max(_percentile(start_extra_ms[i], 50), 0.0)
                 if start_extra_ms[i]
                 else None
             ),

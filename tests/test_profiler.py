@@ -189,3 +189,25 @@ def test_spread_spaces_the_timed_rounds_over_the_span() -> None:
         max_seconds=0.0,
     )
     assert capped.provenance["repeats"] == 6
+
+
+def test_a_start_that_measured_faster_than_the_chain_leaves_the_blocks_time(
+    tmp_path: Path,
+) -> None:
+    """Paired start costs of a block of microseconds can have a median below minus its own
+    time on a busy host: the profile keeps the block's time as its start, a positive time that
+    the profile loader accepts, rather than writing a negative one it would refuse."""
+    from optisplit.profiler import _build_profile
+
+    model, x = tiny_cnn()
+    chain = trace(model, (x,), name="tiny")
+    n = chain.n_blocks
+    block_ms = [[0.02, 0.03, 0.04] for _ in range(n)]
+    extras = [[-0.5, -0.4, -0.6]] + [[0.1, 0.2, 0.3]] * (n - 1)  # block 0's start "saved" 0.5 ms
+    settings = {"threads": 1, "warmup": 0, "repeats": 3}
+    profile = _build_profile(chain, "box", settings, block_ms, [0.2] * 3, [0] * n, extras)
+    first, second = profile.blocks[0], profile.blocks[1]
+    assert first.entry_ms == pytest.approx(first.time_ms) and first.entry_ms > 0
+    assert second.entry_ms == pytest.approx(0.03 + 0.2)
+    path = save_profile(profile, tmp_path / "box.json")
+    assert load_profile(path).blocks[0].entry_ms == pytest.approx(0.03)
