@@ -173,6 +173,17 @@ def _measured(latency: float, throughput: float, **extra: Any) -> dict[str, Any]
     }
 
 
+def _result(plan: str, predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """A ``validate_plans`` result of a plan measured without error."""
+    return {
+        "plan": plan,
+        "predicted": predicted,
+        "measured": measured,
+        "outputs_match": True,
+        "error": None,
+    }
+
+
 def make_study(
     rows: list[tuple[str, tuple[float, float], tuple[float, float]]] = ROWS,
     *,
@@ -319,20 +330,13 @@ def test_predicted_bound_and_host_utilisation_reach_the_report() -> None:
 
     host = {"busiest_core": {"core": "1", "utilization": 0.97}, "cores_ms": {"1": 9.7}}
     results = [
-        {
-            "plan": "a[0:1] -> b[1:2]",
-            "predicted": {"latency_ms": 10.0, "throughput_rps": 100.0, "bound": "core 1"},
-            "measured": _measured(11.0, 90.0, host=host),
-            "outputs_match": True,
-            "error": None,
-        },
-        {  # an older result: no bound, no host figures
-            "plan": "a[0:2]",
-            "predicted": {"latency_ms": 20.0, "throughput_rps": 50.0},
-            "measured": _measured(20.0, 50.0),
-            "outputs_match": True,
-            "error": None,
-        },
+        _result(
+            "a[0:1] -> b[1:2]",
+            {"latency_ms": 10.0, "throughput_rps": 100.0, "bound": "core 1"},
+            _measured(11.0, 90.0, host=host),
+        ),
+        # an older result: no bound, no host figures
+        _result("a[0:2]", {"latency_ms": 20.0, "throughput_rps": 50.0}, _measured(20.0, 50.0)),
     ]
     comparison = compare_plans(plans_from_results(results))
     first, second = comparison.plans
@@ -351,31 +355,20 @@ def test_stream_slowdown_is_the_stage_that_slowed_most_while_requests_streamed()
     from optisplit.report import comparison_markdown
 
     results = [
-        {  # the paced stage computed 20 % slower while requests streamed; the other 5 % faster
-            "plan": "a[0:1] -> b[1:2]",
-            "predicted": {"latency_ms": 10.0, "throughput_rps": 120.0},
-            "measured": _measured(
-                11.0, 100.0, stages=[_stage("a", 10.0, 12.0), _stage("b", 8.0, 7.6)]
-            ),
-            "outputs_match": True,
-            "error": None,
-        },
-        {  # a sub-millisecond stage's ratio is its timer's noise: left out
-            "plan": "b[0:1] -> a[1:2]",
-            "predicted": {"latency_ms": 12.0, "throughput_rps": 90.0},
-            "measured": _measured(
-                12.0, 90.0, stages=[_stage("b", 9.0, 9.18), _stage("a", 0.5, 0.9)]
-            ),
-            "outputs_match": True,
-            "error": None,
-        },
-        {  # an older result without stage figures
-            "plan": "a[0:2]",
-            "predicted": {"latency_ms": 20.0, "throughput_rps": 50.0},
-            "measured": _measured(20.0, 50.0),
-            "outputs_match": True,
-            "error": None,
-        },
+        # the paced stage computed 20 % slower while requests streamed; the other 5 % faster
+        _result(
+            "a[0:1] -> b[1:2]",
+            {"latency_ms": 10.0, "throughput_rps": 120.0},
+            _measured(11.0, 100.0, stages=[_stage("a", 10.0, 12.0), _stage("b", 8.0, 7.6)]),
+        ),
+        # a sub-millisecond stage's ratio is its timer's noise: left out
+        _result(
+            "b[0:1] -> a[1:2]",
+            {"latency_ms": 12.0, "throughput_rps": 90.0},
+            _measured(12.0, 90.0, stages=[_stage("b", 9.0, 9.18), _stage("a", 0.5, 0.9)]),
+        ),
+        # an older result without stage figures
+        _result("a[0:2]", {"latency_ms": 20.0, "throughput_rps": 50.0}, _measured(20.0, 50.0)),
     ]
     comparison = compare_plans(plans_from_results(results))
     first, second, third = comparison.plans
