@@ -297,14 +297,7 @@ def _diagnostics(
         },
         "round_vs_round": dict(repeat or {}),
         "stream_slowdown_pct": measured.stream_slowdown_pct,
-        "stream_slowdown_max_pct": max(
-            (
-                p.stream_slowdown_pct
-                for p in measured.measured
-                if p.stream_slowdown_pct is not None
-            ),
-            default=None,
-        ),
+        "stream_slowdown_max_pct": max(measured.stream_slowdowns, default=None),
         "resolved_pairs": _resolved_pairs(results, repeat),
         "host_full": _host_full(cost, results),
     }

@@ -172,9 +172,9 @@ SPLIT_KEYS = (
 def _run(testbed: Any, backend: str, model: str, split: float) -> dict[str, float]:
     """Deploy ``model`` on the testbed once (whole on its second device, or split at ``split``
     of its blocks); its costs per request."""
-    from bench.wakeups import deploy_whole, helper_figures
+    from bench.wakeups import deploy_probe_plan, helper_figures
 
-    measured = deploy_whole(
+    measured = deploy_probe_plan(
         testbed, backend, model, PROBES.get(model), warmup=4, window_s=3.0, split=split
     )
     period = 1000.0 / measured["throughput_rps"]

@@ -92,11 +92,11 @@ def main() -> int:
 def _run(testbed: Any, backend: str, layers: int) -> dict[str, float]:
     """Deploy the whole probe on the testbed's second device once; its CPU per request."""
     factory = f"bench.wakeups:probe_{layers}"
-    measured = deploy_whole(testbed, backend, "probe", factory)
+    measured = deploy_probe_plan(testbed, backend, "probe", factory)
     return {"period_ms": 1000.0 / measured["throughput_rps"], **helper_figures(testbed, measured)}
 
 
-def deploy_whole(
+def deploy_probe_plan(
     testbed: Any,
     backend: str,
     model: str,
@@ -106,9 +106,10 @@ def deploy_whole(
     window_s: float = 2.0,
     split: float = 0.0,
 ) -> dict[str, Any]:
-    """Deploy ``model`` whole on the testbed's second device (the source relays its input and
-    output) once, 8 requests in flight; its measurement. With ``split`` > 0 the source runs the
-    first ``split`` of the blocks (at least one) and the second device the rest."""
+    """Deploy ``model`` once, 8 requests in flight, and return its measurement: whole on the
+    testbed's second device (the source relays its input and output), or with ``split`` > 0
+    split there, the source running the first ``split`` of the blocks (at least one) and the
+    second device the rest."""
     from optisplit.chain import load_chain
     from optisplit.validate import validate_plans
 

@@ -157,11 +157,16 @@ class Comparison:
         return tuple(p for p in self.plans if not p.ok)
 
     @property
-    def stream_slowdown_pct(self) -> float | None:
-        """Median of the measured plans' stream slowdowns (None: no stage figures)."""
-        values = [
+    def stream_slowdowns(self) -> tuple[float, ...]:
+        """The stream slowdowns of the plans measured without error that have one."""
+        return tuple(
             p.stream_slowdown_pct for p in self.measured if p.stream_slowdown_pct is not None
-        ]
+        )
+
+    @property
+    def stream_slowdown_pct(self) -> float | None:
+        """Median of :attr:`stream_slowdowns` (None: no stage figures)."""
+        values = self.stream_slowdowns
         return statistics.median(values) if values else None
 
     def to_dict(self) -> dict[str, Any]:

@@ -375,6 +375,7 @@ def test_stream_slowdown_is_the_stage_that_slowed_most_while_requests_streamed()
     assert first.stream_slowdown_pct == pytest.approx(20.0)
     assert second.stream_slowdown_pct == pytest.approx(2.0)
     assert third.stream_slowdown_pct is None
+    assert comparison.stream_slowdowns == pytest.approx((20.0, 2.0))
     assert comparison.stream_slowdown_pct == pytest.approx(11.0)  # median of 20 and 2
     doc = comparison.to_dict()
     assert doc["stream_slowdown_pct"] == pytest.approx(11.0)
