@@ -17,6 +17,9 @@ the probe's pace):
   hand-offs (client -> first stage at the source, last stage -> client at the sink);
   ``message_ms`` is the median, over the cross-device hops, of hop time - one-way delay - wire
   time - copy time.
+- ``queue_ms``: in both plans, the time a request spent inside the deployed stages and relays
+  outside their compute (``Measurement.queue_ms``, one request in flight), per stage or relay
+  (median over the plans and rounds).
 - ``request_ms``: ``other[0:B]`` is deployed (the source relays input and output) with requests
   streaming; ``request_ms`` is what its period per request leaves beyond the stage's compute and
   copies, read with the cost model's rule (the stage's device pays it once, the relay twice; the
@@ -102,6 +105,8 @@ _MIN_SPAN_MS = 5.0
 _PROBE_DEPTH = 8
 """Requests in flight while streaming: enough that the probe's latency does not bound its rate."""
 _TERMS = ("message_ms", "handoff_ms", "request_ms")
+_LATER_TERMS = ("queue_ms",)
+"""Terms that calibrations written before them lack; they read as 0."""
 _HOST_TERMS = (
     "client_ms",
     "forward_ms",
@@ -123,6 +128,7 @@ class Calibration:
     message_ms: float
     handoff_ms: float
     request_ms: float
+    queue_ms: float = 0.0
     client_ms: float = 0.0
     forward_ms: float = 0.0
     forward_ms_per_mb: float = 0.0
@@ -144,6 +150,7 @@ class Calibration:
             message_ms=self.message_ms,
             handoff_ms=self.handoff_ms,
             request_ms=self.request_ms,
+            queue_ms=self.queue_ms,
             client_ms=self.client_ms,
             forward_ms=self.forward_ms,
             forward_ms_per_mb=self.forward_ms_per_mb,
@@ -210,11 +217,11 @@ def load_calibration(
     )
     try:
         values = {k: float(doc[k]) for k in _TERMS}
-        values.update({k: float(doc.get(k, 0.0)) for k in _HOST_TERMS})
+        values.update({k: float(doc.get(k, 0.0)) for k in (*_LATER_TERMS, *_HOST_TERMS)})
         if doc.get("request_cpu_ms") is not None:
             values["request_cpu_ms"] = float(doc["request_cpu_ms"])
     except (KeyError, TypeError, ValueError):
-        terms = ", ".join((*_TERMS, *_HOST_TERMS, "request_cpu_ms"))
+        terms = ", ".join((*_TERMS, *_LATER_TERMS, *_HOST_TERMS, "request_cpu_ms"))
         raise ProfileError(f"{path}: calibration lacks numbers for {terms}") from None
     if not all(0.0 <= v < float("inf") for v in values.values()):
         raise ProfileError(f"{path}: calibration terms must be numbers >= 0, got {values}")
@@ -314,11 +321,13 @@ def calibrate_overheads(
     hops: list[list[dict[str, Any]]] = []
     periods: list[float] = []
     computes: list[float] = []
+    queues: list[float] = []
     helpers = _HostCosts(testbed, chain)
     for _ in range(rounds):  # the plans take turns: a slow spell spreads over both
         if other != testbed.source:
             measured = run(split)
             hops.append(measured["transfers"])
+            queues += _queue_per_stage(measured)
             helpers.add(split, measured)
         if waits:
             helpers.add(
@@ -328,6 +337,7 @@ def calibrate_overheads(
                 alone=True,
             )
         measured = run(alone)
+        queues += _queue_per_stage(measured)
         helpers.add(alone, measured, alone=waits)
         period = 1000.0 / measured["throughput_rps"]
         if max(wire, measured["latency_ms"] / _PROBE_DEPTH) >= 0.9 * period:
@@ -364,6 +374,7 @@ def calibrate_overheads(
         message_ms=round(max(message, 0.0), 4),
         handoff_ms=round(max(statistics.median(handoffs), 0.0), 4),
         request_ms=round(max(statistics.median(requests_ms), 0.0), 4),
+        queue_ms=round(max(statistics.median(queues), 0.0), 4) if queues else 0.0,
         client_ms=round(helpers.client_ms(), 4),
         forward_ms=round(forward[0], 4),
         forward_ms_per_mb=round(forward[1], 4),
@@ -377,6 +388,7 @@ def calibrate_overheads(
             "period_ms": periods,
             "compute_ms": computes,
             "request_ms": requests_ms,
+            "queue_ms": queues,
             "hops": [[{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in hops],
             "client_ms": [{"period_ms": t, "ms": ms} for t, ms in helpers.clients],
             "request_cpu_ms": [
@@ -565,6 +577,15 @@ class _HostCosts:
         if rate < 0:  # the bytes explain nothing: all per message
             return per_message, 0.0
         return 0.0, max(statistics.median(ms / mb for _, mb, ms in points), 0.0)
+
+
+def _queue_per_stage(measured: dict[str, Any]) -> list[float]:
+    """A probe plan's queue time per stage or relay (``[]`` when it was not measured): its
+    transfers are the hops between the client and the deployed stages, one more than those."""
+    queue, hops = measured.get("queue_ms"), measured.get("transfers") or []
+    if queue is None or len(hops) < 2:
+        return []
+    return [queue / (len(hops) - 1)]
 
 
 def _cut_bytes(chain: Any) -> list[int]:

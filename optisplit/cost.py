@@ -29,8 +29,12 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   calls, wake-ups); ``copy(n) = n * 8 / (copy_gbps * 1e6)`` ms is the serialisation cost of
   moving ``n`` bytes between tensors and socket buffers (see ``Overheads``).
 * ``latency_ms = transfer(b(0), s -> d_1) + Σ_i compute_i
-  + Σ_{i<k} transfer(b(c_i), d_i -> d_{i+1}) + transfer(b(B), d_k -> t) + 2 * handoff_ms``
-  (``handoff_ms``: the client's local hand-off of the input at ``s`` and of the output at ``t``).
+  + Σ_{i<k} transfer(b(c_i), d_i -> d_{i+1}) + transfer(b(B), d_k -> t) + 2 * handoff_ms
+  + queue_ms * (k + [s != d_1] + [d_k != t])`` (``handoff_ms``: the client's local hand-off of
+  the input at ``s`` and of the output at ``t``; ``queue_ms``: a request's time inside each
+  stage outside its compute, passed from the thread that received it to the one that computes
+  and on to the one that sends, in each of the ``k`` stages and in the relays that pass the
+  input on at ``s`` and the output at ``t`` when they run no stage there).
 * Busy time per request of each **device**: its compute, plus ``copy(n)`` for every transfer it
   sends or receives (the source also sends the input, the sink also receives the output, even
   when they run no stage), plus ``request_ms`` for each stage it runs or relays (the runtime's
@@ -118,6 +122,12 @@ class Overheads:
         handoff_ms: cost of handing the input to the pipeline at the source and taking the
             output from it at the sink (a local message each, on top of any transfer); added
             twice to the latency. ``0`` by default; ``optisplit calibrate`` measures it.
+        queue_ms: time a request spends inside one stage (or relay) outside its compute: its
+            input handed from the thread that received it to the one that computes, its
+            output on to the one that sends. Added to the latency once per stage and relay;
+            the threads overlap while requests stream, so it does not bound throughput (their
+            CPU time is in ``request_ms``). ``0`` by default; ``optisplit calibrate`` measures
+            it: 0.10-0.17 ms per stage on the emulated testbeds here, on either backend.
         request_ms: busy time per request a device spends on each stage it runs (or relays)
             beyond compute and copies (its runtime threads, and on a shared host other processes
             taking its core while requests stream in); it bounds throughput, not latency (the
@@ -147,7 +157,7 @@ class Overheads:
             busy), and leave the rest to per-request work (``CostModel.core_load``). ``0`` by
             default; ``optisplit calibrate`` measures them with a second, longer probe.
 
-    ``message_ms``, ``handoff_ms``, ``request_ms``, ``request_cpu_ms``, ``client_ms``,
+    ``message_ms``, ``handoff_ms``, ``queue_ms``, ``request_ms``, ``request_cpu_ms``, ``client_ms``,
     ``forward_ms``, ``forward_ms_per_mb`` and the waiting shares depend on the runtime backend
     and the host:
     ``optisplit calibrate`` measures them per testbed and backend (:mod:`optisplit.calibrate`).
@@ -158,6 +168,7 @@ class Overheads:
     buffers: int = 2
     whole_model: bool = True
     handoff_ms: float = 0.0
+    queue_ms: float = 0.0
     request_ms: float = 0.0
     client_ms: float = 0.0
     forward_ms: float = 0.0
@@ -613,6 +624,13 @@ class CostModel:
         """``(src, dst, bytes)`` of the plan's transfers in order: input, cuts, output."""
         return plan_transfers(self.testbed, plan, self.cut_bytes)
 
+    def queue_slots(self, plan: Plan) -> int:
+        """Stages and relays a request passes through: the plan's stages, and a relay at the
+        source or the sink when the plan runs no stage there first or last."""
+        devices = plan.devices
+        relays = (devices[0] != self.testbed.source) + (devices[-1] != self.testbed.sink)
+        return len(plan.stages) + relays
+
     def evaluate(self, plan: Plan) -> Evaluation:
         """Predict one plan.
 
@@ -628,6 +646,7 @@ class CostModel:
             self.transfer_ms(self.cut_bytes[0], source, stages[0].device) if first_move else 0.0
         )
         latency += 2 * self.overheads.handoff_ms
+        latency += self.overheads.queue_ms * self.queue_slots(plan)
         costs = []
         for i, stage in enumerate(stages):
             compute = self.compute_ms(stage.device, stage.start, stage.end)

@@ -70,6 +70,7 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     # the shared host's terms round-trip too
     host = dataclasses.replace(
         calibration,
+        queue_ms=0.12,
         client_ms=0.3,
         forward_ms=0.05,
         forward_ms_per_mb=1.2,
@@ -83,6 +84,11 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     assert loaded.overheads().cpu_per_request_ms == 0.4
     assert loaded.overheads().client_wait_share == 0.05
     assert loaded.overheads().worker_wait_share == 0.03
+    assert loaded.overheads().queue_ms == 0.12
+    # a calibration written before queue_ms was measured reads it as 0
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k != "queue_ms"}
+    path.write_text(json.dumps(older))
+    assert calibrated_overheads("pair", "socket", root=root).queue_ms == 0.0
     path = save_calibration(calibration, root=root)
     assert path == calibration_path("pair", "socket", root=root)
     assert path == root / "overheads" / "pair-socket.json"
@@ -97,6 +103,7 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     for broken, reason in (
         ({**doc, "request_ms": -1.0}, "must be numbers >= 0"),
         ({**doc, "forward_ms": -0.5}, "must be numbers >= 0"),
+        ({**doc, "queue_ms": -0.1}, "must be numbers >= 0"),
         ({k: v for k, v in doc.items() if k != "handoff_ms"}, "lacks numbers"),
         ({**doc, "message_ms": "fast"}, "lacks numbers"),
         ({**doc, "client_ms": "lots"}, "lacks numbers"),
@@ -224,6 +231,10 @@ def test_calibrating_on_loopback_workers(tmp_path: Path) -> None:
         ("a", "a"),
     ]
     assert doc["handoff_ms"] > 0  # a local message costs something
+    # both plans' queue time per stage or relay, once per round; a hand-off between threads
+    # costs something, and far less than a request
+    assert len(measured["queue_ms"]) == 4 and stored.queue_ms == doc["queue_ms"]
+    assert 0 < doc["queue_ms"] < min(measured["period_ms"])
     assert 0 <= doc["request_ms"] < max(measured["period_ms"])
 
 

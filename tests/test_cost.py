@@ -105,6 +105,26 @@ def test_request_overhead_is_busy_time_not_latency() -> None:
     assert loaded.stage_busy("a", 2, 3, first=False, last=True) == pytest.approx(30 + 3 + 3)
 
 
+@pytest.mark.parametrize(
+    ("plan", "slots"),
+    [
+        ("a[0:3]", 1),  # a is source and sink: one stage, no relay
+        ("a[0:1] -> b[1:3]", 3),  # a relays the output at the sink
+        ("b[0:3]", 3),  # a relays the input and the output
+        ("b[0:1] -> a[1:3]", 3),  # a relays the input to b, then runs the last stage
+    ],
+)
+def test_queue_time_is_latency_per_stage_and_relay(plan: str, slots: int) -> None:
+    bare = _pair_model(Overheads.none(), depth=0)
+    queued = _pair_model(dataclasses.replace(Overheads.none(), queue_ms=0.25), depth=0)
+    parsed = Plan.parse(plan)
+    assert queued.queue_slots(parsed) == slots
+    before, after = bare.evaluate(parsed), queued.evaluate(parsed)
+    assert after.latency_ms == pytest.approx(before.latency_ms + 0.25 * slots)
+    # the threads of a stage overlap while requests stream: no device is busier for it
+    assert after.throughput_rps == pytest.approx(before.throughput_rps)
+
+
 def _star_model(sink: str = "cam") -> CostModel:
     """A camera (source, and sink by default) and two workers behind a switch."""
     devices = {

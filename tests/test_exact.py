@@ -37,7 +37,7 @@ def _instance(seed: int) -> CostModel:
         [
             Overheads(),
             Overheads.none(),
-            Overheads(message_ms=1.0, copy_gbps=0.01, buffers=3, handoff_ms=2.5),
+            Overheads(message_ms=1.0, copy_gbps=0.01, buffers=3, handoff_ms=2.5, queue_ms=0.7),
             Overheads(message_ms=0.5, handoff_ms=1.0, request_ms=4.0),
         ]
     )
@@ -90,6 +90,7 @@ def _shared_host(seed: int) -> CostModel:
         forward_ms_per_mb=rng.choice([0.0, 3.0, 30.0]),
         client_wait_share=rng.choice([0.0, 0.05, 0.3]),
         worker_wait_share=rng.choice([0.0, 0.04, 0.2]),
+        queue_ms=rng.choice([0.0, 0.4]),
     )
     return random_cost_model(
         rng, bed, rng.randint(1, 6), overheads=overheads, depth=rng.choice([None, 0, 2])

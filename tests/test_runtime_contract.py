@@ -125,6 +125,8 @@ def test_deploy_run_measure_close(backend: str, workers: LocalWorkers) -> None:
     assert hops[1:3] == [("d0", "d1"), ("d1", "d2")]
     assert all(t["ms"] is not None and t["ms"] >= 0 for t in result.transfers)
     assert result.requests == 4 + max(4, 2 * 3)
+    # the request passes its threads' hand-offs in every stage and in d0's relay
+    assert result.queue_ms is not None and 0 < result.queue_ms < result.latency_ms
     # CPU per request over the throughput phase (its warm-up request included)
     assert result.host["requests"] == 1 + max(4, 2 * 3)
     if backend != "inprocess":
@@ -252,3 +254,34 @@ def test_stage_compute_while_streaming_is_measured_apart() -> None:
     # with no throughput phase, streaming falls back to the latency phase's compute
     alone = _stage_summary(deployment, latency, [], stats)  # type: ignore[arg-type]
     assert [s["streaming_compute_ms"] for s in alone] == pytest.approx([10.0, 4.0])
+
+
+def test_queue_time_is_the_time_in_stages_outside_compute() -> None:
+    from optisplit.runtime.measure import Measurement, _queue_ms, merge_rounds
+
+    def row(sent: float, gaps: list[tuple[float, float]]) -> list[float]:
+        """Stages that take their input ``a`` ms after receiving it, compute 5 ms and send
+        ``b`` ms after computing; 1 ms on every hop."""
+        stamps: list[float] = []
+        t = sent
+        for a, b in gaps:  # receive, compute start, compute end, send
+            t += 1e-3
+            stamps += [t, t + a / 1e3, t + (a + 5) / 1e3, t + (a + 5 + b) / 1e3]
+            t += (a + 5 + b) / 1e3
+        return [1, "latency", 0, sent, *stamps, t + 1e-3]
+
+    rows = [row(0.0, [(0.1, 0.2), (0.3, 0.0), (0.05, 0.05)]) for _ in range(2)]
+    rows.append(row(1.0, [(2.0, 2.0), (0.0, 0.0), (0.0, 0.0)]))  # one slow request
+    assert _queue_ms(rows, 3) == pytest.approx(0.7)  # the median request: 0.3 + 0.3 + 0.1
+    assert _queue_ms([], 3) is None
+
+    def measured(queue: float | None) -> Measurement:
+        return Measurement(
+            10.0, 11.0, 100.0, 100.0, 5, True, 0.0, [], [], rows=rows, queue_ms=queue
+        )
+
+    assert measured(0.7).to_dict()["queue_ms"] == 0.7
+    # rounds merge to the median of those that measured it
+    merged = merge_rounds([measured(0.2), measured(None), measured(0.4), measured(0.9)])
+    assert merged.queue_ms == pytest.approx(0.4)
+    assert merge_rounds([measured(None), measured(None)]).queue_ms is None

@@ -25,6 +25,7 @@ MEASURED_KEYS = {
     "requests",
     "stages",
     "transfers",
+    "queue_ms",
     "host",
 }
 

@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
             "megabytes per request as a zoo model) on the testbed, split across the source and "
             "another device and then whole on that device, and read what the runtime costs "
             "beyond compute and wire time: per message (message_ms), per hand-off at the "
-            "source and sink (handoff_ms) and per request while requests stream "
+            "source and sink (handoff_ms), per stage for the hand-offs between its threads "
+            "(queue_ms) and per request while requests stream "
             "(request_ms); on a testbed emulated on one host also the CPU time per request of "
             "the runtime on a device per stage (request_cpu_ms), of the client feeding it "
             "(client_ms) and of the delay forwarder per message "
@@ -144,6 +145,7 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
             "backend",
             "message ms",
             "handoff ms",
+            "queue ms",
             "request ms",
             "request cpu ms",
             "client ms",
@@ -159,6 +161,7 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
                 c.backend,
                 c.message_ms,
                 c.handoff_ms,
+                c.queue_ms,
                 c.request_ms,
                 "-" if c.request_cpu_ms is None else c.request_cpu_ms,
                 c.client_ms,

@@ -174,6 +174,7 @@ def _print(result: DemoResult) -> None:
             (
                 "runtime overheads" + ("" if result.calibrated else " (defaults, not calibrated)"),
                 f"message {o['message_ms']:.2f} ms, hand-off {o['handoff_ms']:.2f} ms, "
+                f"queue {o['queue_ms']:.2f} ms per stage, "
                 f"per request {o['request_ms']:.2f} ms, client {o['client_ms']:.2f} ms, "
                 f"forwarder {o['forward_ms']:.2f} ms + {o['forward_ms_per_mb']:.2f} ms/MB, "
                 f"waiting {o['client_wait_share']:.1%} (client) / "

@@ -16,6 +16,11 @@ Definitions (DESIGN §5):
   stage shares its device's core with the pipeline's other work; **hop times** are
   ``receive(i+1) - send(i)`` and need one clock, so they are reported only when every stage
   runs on the orchestrator's host (``Deployment.same_clock``).
+- **queue time** (``queue_ms``): per request, the time it spent inside the deployed stages
+  (relays included) outside their compute, from a stage's receiving its input to its compute's
+  start and from its compute's end to its sending the output (hand-offs between a worker's
+  receiving, computing and sending threads); the median over the latency phase. Each stage's
+  four stamps come from its own clock, so it is reported on any testbed.
 - **CPU per request** (``host``) over the throughput phase, its warm-up included, divided by the
   requests it completed: ``devices_ms`` per device (its worker's process CPU time, stages and
   relays; empty in process), ``watched_ms`` per named process (``watch``: e.g. the delay
@@ -72,6 +77,8 @@ class Measurement:
     """Each round's ``latency_ms`` and ``throughput_rps`` (empty for a single measurement)."""
     host: dict[str, Any] = field(default_factory=dict)
     """CPU per request over the throughput phase (see the module docstring)."""
+    queue_ms: float | None = None
+    """Time per request inside the stages outside their compute (see the module docstring)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -82,6 +89,7 @@ class Measurement:
             "requests": self.requests,
             "stages": self.stages,
             "transfers": self.transfers,
+            "queue_ms": self.queue_ms,
             "host": self.host,
         }
         if self.rounds:
@@ -206,6 +214,7 @@ def measure(
         devices=[s.device for s in deployment.stages],
         rows=lat_rows + tput_rows,
         host=host,
+        queue_ms=_queue_ms(lat_rows, len(deployment.stages)),
     )
 
 
@@ -303,6 +312,7 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
                 "memory_bytes": max(p.stages[j]["memory_bytes"] for p in parts),
             }
         )
+    queued = [p.queue_ms for p in parts if p.queue_ms is not None]
     transfers = []
     for j, hop in enumerate(first.transfers):
         ms = [p.transfers[j]["ms"] for p in parts if p.transfers[j]["ms"] is not None]
@@ -321,6 +331,7 @@ def merge_rounds(parts: Sequence[Measurement]) -> Measurement:
         devices=first.devices,
         rows=[row for p in parts for row in p.rows],
         rounds=[{"latency_ms": p.latency_ms, "throughput_rps": p.throughput_rps} for p in parts],
+        queue_ms=statistics.median(queued) if queued else None,
     )
 
 
@@ -472,6 +483,21 @@ def _stage_summary(
             }
         )
     return out
+
+
+def _queue_ms(rows: list[list[Any]], n_stages: int) -> float | None:
+    """Median over ``rows`` of the time each request spent in its ``n_stages`` stages outside
+    their compute (receive to compute start, compute end to send); None without rows."""
+    if not rows:
+        return None
+    spent = []
+    for r in rows:
+        total = 0.0
+        for i in range(n_stages):
+            recv, start, end, send = r[_SENT + 1 + STAMPS_PER_STAGE * i :][:STAMPS_PER_STAGE]
+            total += (start - recv) + (send - end)
+        spent.append(total * 1e3)
+    return statistics.median(spent)
 
 
 def _transfer_summary(

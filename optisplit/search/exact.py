@@ -129,6 +129,7 @@ class _Solver:
         self.B = model.n_blocks
         self.s = self.devices.index(model.testbed.source)
         self.t = self.devices.index(model.testbed.sink)
+        self.queue = model.overheads.queue_ms
         self.cb = np.array(model.cut_bytes, dtype=_F)
         self.hops = self._classify()
         self.m_links = sum(1 for h in self.hops.values() if h.kind == "open")
@@ -405,7 +406,8 @@ class _Solver:
             root[0, 3] = -1
             root[0, 4 + self.m_links :] = self.base
             start = self._hand_over(root, self.s, d, first=True)
-            start[:, 1] += 2 * self.model.overheads.handoff_ms  # as CostModel.evaluate adds it
+            # as CostModel.evaluate adds them: the hand-offs, and a relay at the source
+            start[:, 1] += 2 * self.model.overheads.handoff_ms + self.queue * (d != self.s)
             return start
         parts = []
         for p in range(self.n):
@@ -467,7 +469,7 @@ class _Solver:
         settled = np.concatenate([p[2] for p in parts])
         new = np.empty((src.shape[0], 4 + self.m))
         new[:, 0] = end
-        new[:, 1] = rows[src, 1] + (prefix[end] - begin[c[src]])
+        new[:, 1] = rows[src, 1] + (prefix[end] - begin[c[src]]) + self.queue
         new[:, 2] = settled
         new[:, 3] = store.add(rows[src, 3], d, c[src], end)
         new[:, 4:] = rows[src, 4:]
@@ -500,7 +502,7 @@ class _Solver:
     def _finish(self, rows: np.ndarray, mask: int, d: int) -> np.ndarray:
         """Complete plans: ``[latency, throughput, gid]`` after the output transfer."""
         B = self.B
-        latency = rows[:, 1] + self.t_ms[d, self.t, B]
+        latency = rows[:, 1] + self.t_ms[d, self.t, B] + self.queue * (d != self.t)
         settled = np.maximum(rows[:, 2], max(self.t_settled[d, self.t, B], self._idle(mask)))
         bottleneck = settled
         if self.m:
