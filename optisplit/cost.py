@@ -127,7 +127,8 @@ class Overheads:
             output on to the one that sends. Added to the latency once per stage and relay;
             the threads overlap while requests stream, so it does not bound throughput (their
             CPU time is in ``request_ms``). ``0`` by default; ``optisplit calibrate`` measures
-            it: 0.10-0.17 ms per stage on the emulated testbeds here, on either backend.
+            it with its probe: 0.07-0.13 ms on the emulated testbeds here, where the zoo
+            models' own stages took 0.09-0.15 ms (``bench/fidelity.py``, both backends).
         request_ms: busy time per request a device spends on each stage it runs (or relays)
             beyond compute and copies (its runtime threads, and on a shared host other processes
             taking its core while requests stream in); it bounds throughput, not latency (the
