@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ def main() -> int:
         print(f"--rounds: expected at least 1, got {args.rounds}")
         return 2
 
+    from bench.wakeups import measure_plan
     from optisplit import emulate
     from optisplit.emulate.state import read_state
     from optisplit.errors import OptisplitError
@@ -70,7 +70,8 @@ def main() -> int:
         for _ in range(args.rounds):  # the placements take turns
             for placement in placements:
                 os.sched_setaffinity(pid, set(placement))
-                runs[placement].append(_run(testbed, args.backend, args.model, args.plan))
+                measured = measure_plan(testbed, args.backend, args.model, args.plan, window_s=3.0)
+                runs[placement].append(measured)
     except OptisplitError as exc:
         print(f"optisplit: error: {exc}")
         return 1
@@ -137,29 +138,6 @@ def main() -> int:
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
-
-
-def _run(testbed: Any, backend: str, model: str, plan: str) -> dict[str, Any]:
-    """Deploy ``plan`` once and return its measurement (raise when it failed)."""
-    from optisplit.errors import RuntimeFailure
-    from optisplit.validate import validate_plans
-
-    with tempfile.TemporaryDirectory(prefix="optisplit-bench-") as out:
-        (result,) = validate_plans(
-            model,
-            testbed,
-            [plan],
-            backend=backend,
-            requests=20,
-            warmup=3,
-            window_s=3.0,
-            out_dir=out,
-            profiles_root=out,
-        )
-    if not result["measured"]:
-        raise RuntimeFailure(f"{plan}: {result['error']}")
-    measured: dict[str, Any] = result["measured"]
-    return measured
 
 
 if __name__ == "__main__":

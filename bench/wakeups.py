@@ -111,7 +111,6 @@ def deploy_probe_plan(
     split there, the source running the first ``split`` of the blocks (at least one) and the
     second device the rest."""
     from optisplit.chain import load_chain
-    from optisplit.validate import validate_plans
 
     blocks = load_chain(model, module=factory).n_blocks
     source = testbed.source
@@ -120,22 +119,44 @@ def deploy_probe_plan(
     if split > 0:
         cut = min(max(round(split * blocks), 1), blocks - 1)
         plan = f"{source}[0:{cut}] -> {other}[{cut}:{blocks}]"
+    return measure_plan(
+        testbed, backend, model, plan, factory, requests=40, warmup=warmup, depth=8,
+        window_s=window_s,
+    )  # fmt: skip
+
+
+def measure_plan(
+    testbed: Any,
+    backend: str,
+    model: str,
+    plan: str,
+    factory: str | None = None,
+    *,
+    requests: int = 20,
+    warmup: int = 3,
+    depth: int | None = None,
+    window_s: float = 2.0,
+) -> dict[str, Any]:
+    """Deploy ``plan`` once (no profiles: nothing predicted) and return its measurement;
+    exits with the plan's error when it failed."""
+    from optisplit.validate import validate_plans
+
     with tempfile.TemporaryDirectory(prefix="optisplit-bench-") as out:
         (result,) = validate_plans(
             model,
             testbed,
             [plan],
             backend=backend,
-            requests=40,
+            requests=requests,
             warmup=warmup,
-            depth=8,
+            depth=depth,
             window_s=window_s,
             module=factory,
             out_dir=out,
             profiles_root=out,
         )
     if not result["measured"]:
-        raise SystemExit(f"{backend} {model} failed: {result['error']}")
+        raise SystemExit(f"{backend} {model} {plan} failed: {result['error']}")
     measured: dict[str, Any] = result["measured"]
     return measured
 
