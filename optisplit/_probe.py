@@ -37,11 +37,13 @@ class ExciteBlock(nn.Module):  # type: ignore[misc]
         return y * gate[:, :, None, None]
 
 
-def build(channels: int, layers: int, hidden: int) -> tuple[nn.Module, Tensor]:
-    """A 3x3 convolution with ReLU over a 3 x 32 x 32 input, ``layers - 1`` :class:`ExciteBlock`
+def build(channels: int, layers: int, hidden: int, size: int = 32) -> tuple[nn.Module, Tensor]:
+    """A 3x3 convolution with ReLU over a 3 x 32 x 32 map, ``layers - 1`` :class:`ExciteBlock`
     (plain 3x3 convolutions with ReLU when ``hidden`` is 0) and a pooled linear head of 10
-    classes; returns ``(module, example input)``."""
-    blocks: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())]
+    classes; returns ``(module, example input)``. The input is 3 x ``size`` x ``size``; a wider
+    one than 32 is first pooled down to 32 x 32 in a block of its own."""
+    blocks: list[nn.Module] = [nn.AdaptiveAvgPool2d(32)] if size > 32 else []
+    blocks.append(nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU()))
     blocks += [
         ExciteBlock(channels, hidden)
         if hidden
@@ -49,4 +51,4 @@ def build(channels: int, layers: int, hidden: int) -> tuple[nn.Module, Tensor]:
         for _ in range(layers - 1)
     ]
     blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)))
-    return nn.Sequential(*blocks), randn(1, 3, 32, 32)
+    return nn.Sequential(*blocks), randn(1, 3, size, size)

@@ -17,6 +17,13 @@ the probe's pace):
   hand-offs (client -> first stage at the source, last stage -> client at the sink);
   ``message_ms`` is the median, over the cross-device hops, of hop time - one-way delay - wire
   time - copy time.
+- ``handoff_ms_per_mb``: a hand-off costs more the more bytes it carries (the client's copies,
+  and on an emulated testbed the delay path's forwarding of the message), and the probe's
+  12 KB input reads little of that: a zoo model hands 602 KB to the source. A third probe
+  (:func:`wide_probe_model`: the probe's input widened to 3 x 224 x 224, pooled to 32 x 32 in
+  its first block, 4 layers) is deployed whole on the source; the rise of its input's
+  hand-off over the short probe's, per MB between them, is the term (medians over the rounds),
+  and ``handoff_ms`` is what the short probe's hand-offs leave of it.
 - ``queue_ms``: in both plans, the time a request spent inside the deployed stages and relays
   outside their compute (``Measurement.queue_ms``, one request in flight), per stage or relay
   (median over the plans and rounds).
@@ -86,6 +93,7 @@ __all__ = [
     "LONG_PROBE_FACTORY",
     "PROBE_FACTORY",
     "PROBE_MODEL",
+    "WIDE_PROBE_FACTORY",
     "Calibration",
     "calibrate_overheads",
     "calibrated_overheads",
@@ -94,18 +102,20 @@ __all__ = [
     "long_probe_model",
     "probe_model",
     "save_calibration",
+    "wide_probe_model",
 ]
 
 SCHEMA_VERSION = 1
 PROBE_MODEL = "calibration-probe"
 PROBE_FACTORY = "optisplit.calibrate:probe_model"
 LONG_PROBE_FACTORY = "optisplit.calibrate:long_probe_model"
+WIDE_PROBE_FACTORY = "optisplit.calibrate:wide_probe_model"
 _MIN_SPAN_MS = 5.0
 """Periods of the two probes' whole-probe plans closer than this fix no waiting share."""
 _PROBE_DEPTH = 8
 """Requests in flight while streaming: enough that the probe's latency does not bound its rate."""
 _TERMS = ("message_ms", "handoff_ms", "request_ms")
-_LATER_TERMS = ("queue_ms",)
+_LATER_TERMS = ("queue_ms", "handoff_ms_per_mb")
 """Terms that calibrations written before them lack; they read as 0."""
 _HOST_TERMS = (
     "client_ms",
@@ -129,6 +139,7 @@ class Calibration:
     handoff_ms: float
     request_ms: float
     queue_ms: float = 0.0
+    handoff_ms_per_mb: float = 0.0
     client_ms: float = 0.0
     forward_ms: float = 0.0
     forward_ms_per_mb: float = 0.0
@@ -149,6 +160,7 @@ class Calibration:
             base or Overheads(),
             message_ms=self.message_ms,
             handoff_ms=self.handoff_ms,
+            handoff_ms_per_mb=self.handoff_ms_per_mb,
             request_ms=self.request_ms,
             queue_ms=self.queue_ms,
             client_ms=self.client_ms,
@@ -184,6 +196,15 @@ def long_probe_model() -> tuple[Any, Any]:
     """The longer probe (``LONG_PROBE_FACTORY``): :func:`probe_model` with 64 layers, about
     four times its compute for the same input and output."""
     return probe_model(layers=64)
+
+
+def wide_probe_model() -> tuple[Any, Any]:
+    """The wide probe (``WIDE_PROBE_FACTORY``): :func:`probe_model`'s blocks, 4 layers of them,
+    after a block that pools a zoo model's 3 x 224 x 224 input (602 KB) down to 32 x 32: a
+    hand-off of as many bytes as a zoo model's, for about a quarter of the probe's compute."""
+    from optisplit._probe import build
+
+    return build(64, 4, 2048, size=224)
 
 
 def calibration_path(
@@ -289,8 +310,11 @@ def calibrate_overheads(
     long_chain = load_chain(PROBE_MODEL, module=LONG_PROBE_FACTORY)
     long_alone = f"{other}[0:{long_chain.n_blocks}]"
     waits = bool(testbed.host_cores) and other != testbed.source
+    # the wide probe on the source alone: a hand-off of a zoo model's input size
+    wide_chain = load_chain(PROBE_MODEL, module=WIDE_PROBE_FACTORY)
+    wide = f"{testbed.source}[0:{wide_chain.n_blocks}]"
 
-    def run(plan: str, factory: str = PROBE_FACTORY) -> dict[str, Any]:
+    def run(plan: str, factory: str = PROBE_FACTORY, window: float = window_s) -> dict[str, Any]:
         """Deploy one probe plan once and return its measurement (raise when it failed)."""
         with tempfile.TemporaryDirectory(prefix="optisplit-calibrate-") as out:
             (result,) = validate_plans(
@@ -301,7 +325,7 @@ def calibrate_overheads(
                 requests=requests,
                 warmup=warmup,
                 depth=_PROBE_DEPTH,
-                window_s=window_s,
+                window_s=window,
                 token=token,
                 module=factory,
                 out_dir=out,
@@ -322,8 +346,10 @@ def calibrate_overheads(
     periods: list[float] = []
     computes: list[float] = []
     queues: list[float] = []
+    wide_hops: list[list[dict[str, Any]]] = []
     helpers = _HostCosts(testbed, chain)
-    for _ in range(rounds):  # the plans take turns: a slow spell spreads over both
+    for _ in range(rounds):  # the plans take turns: a slow spell spreads over all
+        wide_hops.append(run(wide, WIDE_PROBE_FACTORY, window=0.0)["transfers"])
         if other != testbed.source:
             measured = run(split)
             hops.append(measured["transfers"])
@@ -367,12 +393,15 @@ def calibrate_overheads(
     message = statistics.median(residuals) if residuals else base.message_ms
     forward = helpers.forward_terms()
     request_cpu = helpers.request_cpu_ms()
-    handoffs = [h[0]["ms"] for h in hops] + [h[-1]["ms"] for h in hops]
+    handoff, handoff_per_mb = _handoff_terms(
+        hops, wide_hops, (chain.input_bytes, chain.output_bytes), wide_chain.input_bytes
+    )
     return Calibration(
         testbed=testbed.name,
         backend=backend,
         message_ms=round(max(message, 0.0), 4),
-        handoff_ms=round(max(statistics.median(handoffs), 0.0), 4),
+        handoff_ms=round(handoff, 4),
+        handoff_ms_per_mb=round(handoff_per_mb, 4),
         request_ms=round(max(statistics.median(requests_ms), 0.0), 4),
         queue_ms=round(max(statistics.median(queues), 0.0), 4) if queues else 0.0,
         client_ms=round(helpers.client_ms(), 4),
@@ -382,14 +411,17 @@ def calibrate_overheads(
         client_wait_share=round(helpers.client_wait_share(), 4),
         worker_wait_share=round(helpers.worker_wait_share(), 4),
         measured={
-            "plans": [split, alone, *([long_alone] if waits else [])]
+            "plans": [split, alone, *([long_alone] if waits else []), wide]
             if other != testbed.source
-            else [alone],
+            else [alone, wide],
             "period_ms": periods,
             "compute_ms": computes,
             "request_ms": requests_ms,
             "queue_ms": queues,
             "hops": [[{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in hops],
+            "wide_hops": [
+                [{"src": x["src"], "dst": x["dst"], "ms": x["ms"]} for x in h] for h in wide_hops
+            ],
             "client_ms": [{"period_ms": t, "ms": ms} for t, ms in helpers.clients],
             "request_cpu_ms": [
                 {"period_ms": t, "ms": ms, "roles": n} for t, ms, n in helpers.requests
@@ -577,6 +609,31 @@ class _HostCosts:
         if rate < 0:  # the bytes explain nothing: all per message
             return per_message, 0.0
         return 0.0, max(statistics.median(ms / mb for _, mb, ms in points), 0.0)
+
+
+def _handoff_terms(
+    hops: list[list[dict[str, Any]]],
+    wide_hops: list[list[dict[str, Any]]],
+    probe_bytes: tuple[int, int],
+    wide_bytes: int,
+) -> tuple[float, float]:
+    """``(handoff_ms, handoff_ms_per_mb)`` from the probe plans' hops (first and last: the
+    client's hand-offs of ``probe_bytes``, input and output) and the wide probe's (its first:
+    the hand-off of ``wide_bytes``). The slope is the rise of the median input hand-off from
+    the probe's to the wide probe's, per MB between them; the fixed part the median of the
+    probe's hand-offs less that slope times their bytes. Neither is below 0; hops without a
+    time (stages on other clocks) are left out, and without both inputs' hand-offs the slope
+    is 0."""
+    small_in = [h[0]["ms"] for h in hops if h and h[0]["ms"] is not None]
+    small_out = [h[-1]["ms"] for h in hops if h and h[-1]["ms"] is not None]
+    wide_in = [h[0]["ms"] for h in wide_hops if h and h[0]["ms"] is not None]
+    span_mb = (wide_bytes - probe_bytes[0]) / 1e6
+    slope = 0.0
+    if small_in and wide_in and span_mb > 0:
+        slope = max((statistics.median(wide_in) - statistics.median(small_in)) / span_mb, 0.0)
+    fixed = [ms - slope * probe_bytes[0] / 1e6 for ms in small_in]
+    fixed += [ms - slope * probe_bytes[1] / 1e6 for ms in small_out]
+    return (max(statistics.median(fixed), 0.0) if fixed else 0.0), slope
 
 
 def _queue_per_stage(measured: dict[str, Any]) -> list[float]:

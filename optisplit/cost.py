@@ -29,12 +29,14 @@ the bytes crossing cut ``c`` (``b(0)`` the input, ``b(B)`` the output).
   calls, wake-ups); ``copy(n) = n * 8 / (copy_gbps * 1e6)`` ms is the serialisation cost of
   moving ``n`` bytes between tensors and socket buffers (see ``Overheads``).
 * ``latency_ms = transfer(b(0), s -> d_1) + Σ_i compute_i
-  + Σ_{i<k} transfer(b(c_i), d_i -> d_{i+1}) + transfer(b(B), d_k -> t) + 2 * handoff_ms
-  + queue_ms * (k + [s != d_1] + [d_k != t])`` (``handoff_ms``: the client's local hand-off of
-  the input at ``s`` and of the output at ``t``; ``queue_ms``: a request's time inside each
-  stage outside its compute, passed from the thread that received it to the one that computes
-  and on to the one that sends, in each of the ``k`` stages and in the relays that pass the
-  input on at ``s`` and the output at ``t`` when they run no stage there).
+  + Σ_{i<k} transfer(b(c_i), d_i -> d_{i+1}) + transfer(b(B), d_k -> t) + handoff(b(0))
+  + handoff(b(B)) + queue_ms * (k + [s != d_1] + [d_k != t])`` (``handoff(n) = handoff_ms
+  + handoff_ms_per_mb * n / 1e6``: the client's local hand-off of the input at ``s`` and of
+  the output at ``t``, a fixed part and one that grows with the bytes; ``queue_ms``: a
+  request's time inside each stage outside its compute, passed from the thread that received
+  it to the one that computes and on to the one that sends, in each of the ``k`` stages and in
+  the relays that pass the input on at ``s`` and the output at ``t`` when they run no stage
+  there).
 * Busy time per request of each **device**: its compute, plus ``copy(n)`` for every transfer it
   sends or receives (the source also sends the input, the sink also receives the output, even
   when they run no stage), plus ``request_ms`` for each stage it runs or relays (the runtime's
@@ -122,6 +124,10 @@ class Overheads:
         handoff_ms: cost of handing the input to the pipeline at the source and taking the
             output from it at the sink (a local message each, on top of any transfer); added
             twice to the latency. ``0`` by default; ``optisplit calibrate`` measures it.
+        handoff_ms_per_mb: what each of those two hand-offs costs per MB it carries, on top of
+            ``handoff_ms`` (the client's copies into and out of its socket, and on an emulated
+            testbed the delay path's forwarding of the message). ``0`` by default;
+            ``optisplit calibrate`` measures it with a probe of a zoo model's input size.
         queue_ms: time a request spends inside one stage (or relay) outside its compute: its
             input handed from the thread that received it to the one that computes, its
             output on to the one that sends. Added to the latency once per stage and relay;
@@ -158,9 +164,9 @@ class Overheads:
             busy), and leave the rest to per-request work (``CostModel.core_load``). ``0`` by
             default; ``optisplit calibrate`` measures them with a second, longer probe.
 
-    ``message_ms``, ``handoff_ms``, ``queue_ms``, ``request_ms``, ``request_cpu_ms``, ``client_ms``,
-    ``forward_ms``, ``forward_ms_per_mb`` and the waiting shares depend on the runtime backend
-    and the host:
+    ``message_ms``, ``handoff_ms``, ``handoff_ms_per_mb``, ``queue_ms``, ``request_ms``,
+    ``request_cpu_ms``, ``client_ms``, ``forward_ms``, ``forward_ms_per_mb`` and the waiting
+    shares depend on the runtime backend and the host:
     ``optisplit calibrate`` measures them per testbed and backend (:mod:`optisplit.calibrate`).
     """
 
@@ -169,6 +175,7 @@ class Overheads:
     buffers: int = 2
     whole_model: bool = True
     handoff_ms: float = 0.0
+    handoff_ms_per_mb: float = 0.0
     queue_ms: float = 0.0
     request_ms: float = 0.0
     client_ms: float = 0.0
@@ -183,6 +190,12 @@ class Overheads:
     def cpu_per_request_ms(self) -> float:
         """``request_cpu_ms``, or ``request_ms`` where it is not set."""
         return self.request_ms if self.request_cpu_ms is None else self.request_cpu_ms
+
+    def handoffs_ms(self, input_bytes: int, output_bytes: int) -> float:
+        """The client's two local hand-offs of a request: its input at the source and its
+        output at the sink."""
+        moved_mb = (input_bytes + output_bytes) / 1e6
+        return 2 * self.handoff_ms + self.handoff_ms_per_mb * moved_mb
 
     def copy_ms(self, nbytes: int) -> float:
         """Serialisation time of ``nbytes`` on one side of a transfer."""
@@ -646,7 +659,7 @@ class CostModel:
         latency = (
             self.transfer_ms(self.cut_bytes[0], source, stages[0].device) if first_move else 0.0
         )
-        latency += 2 * self.overheads.handoff_ms
+        latency += self.overheads.handoffs_ms(self.cut_bytes[0], self.cut_bytes[-1])
         latency += self.overheads.queue_ms * self.queue_slots(plan)
         costs = []
         for i, stage in enumerate(stages):

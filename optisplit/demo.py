@@ -88,9 +88,9 @@ class DemoResult:
     comparison: Comparison
     seconds: dict[str, float] = field(default_factory=dict)
     overheads: dict[str, float] = field(default_factory=dict)
-    """The runtime terms the predictions used (``message_ms``, ``handoff_ms``, ``queue_ms``,
-    ``request_ms``, ``request_cpu_ms``, ``client_ms``, ``forward_ms``, ``forward_ms_per_mb``,
-    ``client_wait_share``, ``worker_wait_share``)."""
+    """The runtime terms the predictions used (``message_ms``, ``handoff_ms``,
+    ``handoff_ms_per_mb``, ``queue_ms``, ``request_ms``, ``request_cpu_ms``, ``client_ms``,
+    ``forward_ms``, ``forward_ms_per_mb``, ``client_wait_share``, ``worker_wait_share``)."""
     calibrated: bool = False
     """Whether ``overheads`` were calibrated on the testbed (else the defaults)."""
     epsilon: float = 0.0
@@ -307,6 +307,7 @@ def _run_steps(
         overheads={
             "message_ms": overheads.message_ms,
             "handoff_ms": overheads.handoff_ms,
+            "handoff_ms_per_mb": overheads.handoff_ms_per_mb,
             "queue_ms": overheads.queue_ms,
             "request_ms": overheads.request_ms,
             "request_cpu_ms": overheads.cpu_per_request_ms,

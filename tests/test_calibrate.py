@@ -71,6 +71,7 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     host = dataclasses.replace(
         calibration,
         queue_ms=0.12,
+        handoff_ms_per_mb=0.8,
         client_ms=0.3,
         forward_ms=0.05,
         forward_ms_per_mb=1.2,
@@ -85,10 +86,13 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     assert loaded.overheads().client_wait_share == 0.05
     assert loaded.overheads().worker_wait_share == 0.03
     assert loaded.overheads().queue_ms == 0.12
-    # a calibration written before queue_ms was measured reads it as 0
-    older = {k: v for k, v in json.loads(path.read_text()).items() if k != "queue_ms"}
+    assert loaded.overheads().handoff_ms_per_mb == 0.8
+    # a calibration written before queue_ms or handoff_ms_per_mb was measured reads them as 0
+    later = ("queue_ms", "handoff_ms_per_mb")
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k not in later}
     path.write_text(json.dumps(older))
     assert calibrated_overheads("pair", "socket", root=root).queue_ms == 0.0
+    assert calibrated_overheads("pair", "socket", root=root).handoff_ms_per_mb == 0.0
     path = save_calibration(calibration, root=root)
     assert path == calibration_path("pair", "socket", root=root)
     assert path == root / "overheads" / "pair-socket.json"
@@ -104,6 +108,7 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
         ({**doc, "request_ms": -1.0}, "must be numbers >= 0"),
         ({**doc, "forward_ms": -0.5}, "must be numbers >= 0"),
         ({**doc, "queue_ms": -0.1}, "must be numbers >= 0"),
+        ({**doc, "handoff_ms_per_mb": -0.3}, "must be numbers >= 0"),
         ({k: v for k, v in doc.items() if k != "handoff_ms"}, "lacks numbers"),
         ({**doc, "message_ms": "fast"}, "lacks numbers"),
         ({**doc, "client_ms": "lots"}, "lacks numbers"),
@@ -117,6 +122,49 @@ def test_stored_calibration_round_trips_and_bad_files_are_refused(tmp_path: Path
     path.write_text("{not json")
     with pytest.raises(ProfileError):
         calibrated_overheads("pair", "socket", root=root)
+
+
+def test_the_wide_probe_hands_off_a_zoo_models_input() -> None:
+    from optisplit.calibrate import WIDE_PROBE_FACTORY, wide_probe_model
+    from optisplit.chain import load_chain
+
+    chain = load_chain(PROBE_MODEL, module=WIDE_PROBE_FACTORY)
+    assert chain.input_bytes == 3 * 224 * 224 * 4  # resnet18's and mobilenet_v2's input
+    assert chain.output_bytes == load_chain(PROBE_MODEL, module=PROBE_FACTORY).output_bytes
+    assert chain.cuts[0].bytes == 3 * 32 * 32 * 4  # pooled to the probe's map in block 0
+    module, example = wide_probe_model()
+    assert tuple(module(example).shape) == (1, 10)
+
+
+def test_handoff_terms_split_a_fixed_part_from_a_part_per_mb() -> None:
+    from optisplit.calibrate import _handoff_terms
+
+    def hops(first: float | None, last: float | None) -> list[dict[str, object]]:
+        return [
+            {"src": "a", "dst": "a", "ms": first},
+            {"src": "a", "dst": "b", "ms": 3.0},
+            {"src": "b", "dst": "a", "ms": 3.0},
+            {"src": "a", "dst": "a", "ms": last},
+        ]
+
+    # hand-offs of 0.2 ms + 1 ms per MB: 0.1 MB in, nothing out; the wide probe 1.1 MB in
+    probe = [hops(0.3, 0.2), hops(0.3, 0.2), hops(0.31, 0.21)]
+    wide = [
+        [{"src": "a", "dst": "a", "ms": ms}, {"src": "a", "dst": "a", "ms": 0.2}]
+        for ms in (1.3, 1.3, 9.0)
+    ]
+    fixed, per_mb = _handoff_terms(probe, wide, (100_000, 0), 1_100_000)
+    assert per_mb == pytest.approx(1.0)  # medians: a slow spell in one round moves neither
+    assert fixed == pytest.approx(0.2)  # the probe's hand-offs less their bytes' share
+    # a wide hand-off no slower than the probe's: nothing per MB, and never below 0
+    assert _handoff_terms(probe, [[{"ms": 0.1}, {"ms": 0.1}]], (100_000, 0), 1_100_000) == (
+        pytest.approx(0.255),
+        0.0,
+    )
+    # no wide probe (or stages on other clocks, no times): all of it fixed, as before
+    assert _handoff_terms(probe, [], (100_000, 0), 1_100_000) == (pytest.approx(0.255), 0.0)
+    clockless = [hops(None, None)]
+    assert _handoff_terms(clockless, [[{"ms": None}, {"ms": None}]], (1, 0), 2) == (0.0, 0.0)
 
 
 def test_predictions_use_the_calibration_of_their_backend(
@@ -217,7 +265,7 @@ def test_calibrating_on_loopback_workers(tmp_path: Path) -> None:
         doc["request_ms"],
     )
     measured = doc["measured"]
-    assert measured["plans"] == ["a[0:10] -> b[10:20]", "b[0:20]"]
+    assert measured["plans"] == ["a[0:10] -> b[10:20]", "b[0:20]", "a[0:9]"]
     assert len(measured["period_ms"]) == len(measured["compute_ms"]) == 2
     for period, compute in zip(measured["period_ms"], measured["compute_ms"], strict=True):
         # streaming is not faster than one request alone, give or take this host's wander: with
@@ -231,6 +279,18 @@ def test_calibrating_on_loopback_workers(tmp_path: Path) -> None:
         ("a", "a"),
     ]
     assert doc["handoff_ms"] > 0  # a local message costs something
+    # the wide probe's hand-offs, on the source alone, once per round, are what the terms were
+    # read from (on loopback 602 KB may hand over as fast as 12 KB: the slope may read 0)
+    from optisplit.calibrate import _handoff_terms
+
+    assert [[(h["src"], h["dst"]) for h in w] for w in measured["wide_hops"]] == [
+        [("a", "a"), ("a", "a")]
+    ] * 2
+    assert all(h["ms"] > 0 for w in measured["wide_hops"] for h in w)
+    fixed, per_mb = _handoff_terms(measured["hops"], measured["wide_hops"], (12288, 40), 602112)
+    assert (doc["handoff_ms"], doc["handoff_ms_per_mb"]) == (round(fixed, 4), round(per_mb, 4))
+    assert stored.handoff_ms_per_mb == doc["handoff_ms_per_mb"]
+    assert 0 <= doc["handoff_ms_per_mb"] * 0.6 < min(measured["period_ms"])
     # both plans' queue time per stage or relay, once per round; a hand-off between threads
     # costs something, and far less than a request
     assert len(measured["queue_ms"]) == 4 and stored.queue_ms == doc["queue_ms"]

@@ -37,7 +37,14 @@ def _instance(seed: int) -> CostModel:
         [
             Overheads(),
             Overheads.none(),
-            Overheads(message_ms=1.0, copy_gbps=0.01, buffers=3, handoff_ms=2.5, queue_ms=0.7),
+            Overheads(
+                message_ms=1.0,
+                copy_gbps=0.01,
+                buffers=3,
+                handoff_ms=2.5,
+                handoff_ms_per_mb=40.0,
+                queue_ms=0.7,
+            ),
             Overheads(message_ms=0.5, handoff_ms=1.0, request_ms=4.0),
         ]
     )

@@ -32,8 +32,9 @@ def register(subparsers: Any) -> None:
             "megabytes per request as a zoo model) on the testbed, split across the source and "
             "another device and then whole on that device, and read what the runtime costs "
             "beyond compute and wire time: per message (message_ms), per hand-off at the "
-            "source and sink (handoff_ms), per stage for the hand-offs between its threads "
-            "(queue_ms) and per request while requests stream "
+            "source and sink (handoff_ms, and handoff_ms_per_mb per MB it carries, from a "
+            "third probe with a zoo model's 224x224 input on the source alone), per stage for "
+            "the hand-offs between its threads (queue_ms) and per request while requests stream "
             "(request_ms); on a testbed emulated on one host also the CPU time per request of "
             "the runtime on a device per stage (request_cpu_ms), of the client feeding it "
             "(client_ms) and of the delay forwarder per message "
@@ -70,7 +71,7 @@ def register(subparsers: Any) -> None:
         "--rounds",
         type=positive_int,
         default=3,
-        help="measure both probe plans this many times, taking turns (default: %(default)s)",
+        help="measure the probe plans this many times, taking turns (default: %(default)s)",
     )
     add_window_flag(parser)
     parser.add_argument(
@@ -145,6 +146,7 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
             "backend",
             "message ms",
             "handoff ms",
+            "handoff ms/MB",
             "queue ms",
             "request ms",
             "request cpu ms",
@@ -161,6 +163,7 @@ def _report(args: argparse.Namespace, found: list[tuple[Calibration, Any]]) -> N
                 c.backend,
                 c.message_ms,
                 c.handoff_ms,
+                c.handoff_ms_per_mb,
                 c.queue_ms,
                 c.request_ms,
                 "-" if c.request_cpu_ms is None else c.request_cpu_ms,

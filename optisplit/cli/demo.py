@@ -173,7 +173,8 @@ def _print(result: DemoResult) -> None:
         figures.append(
             (
                 "runtime overheads" + ("" if result.calibrated else " (defaults, not calibrated)"),
-                f"message {o['message_ms']:.2f} ms, hand-off {o['handoff_ms']:.2f} ms, "
+                f"message {o['message_ms']:.2f} ms, "
+                f"hand-off {o['handoff_ms']:.2f} ms + {o['handoff_ms_per_mb']:.2f} ms/MB, "
                 f"queue {o['queue_ms']:.2f} ms per stage, "
                 f"per request {o['request_ms']:.2f} ms, client {o['client_ms']:.2f} ms, "
                 f"forwarder {o['forward_ms']:.2f} ms + {o['forward_ms_per_mb']:.2f} ms/MB, "

@@ -130,6 +130,7 @@ class _Solver:
         self.s = self.devices.index(model.testbed.source)
         self.t = self.devices.index(model.testbed.sink)
         self.queue = model.overheads.queue_ms
+        self.handoffs = model.overheads.handoffs_ms(model.cut_bytes[0], model.cut_bytes[-1])
         self.cb = np.array(model.cut_bytes, dtype=_F)
         self.hops = self._classify()
         self.m_links = sum(1 for h in self.hops.values() if h.kind == "open")
@@ -407,7 +408,7 @@ class _Solver:
             root[0, 4 + self.m_links :] = self.base
             start = self._hand_over(root, self.s, d, first=True)
             # as CostModel.evaluate adds them: the hand-offs, and a relay at the source
-            start[:, 1] += 2 * self.model.overheads.handoff_ms + self.queue * (d != self.s)
+            start[:, 1] += self.handoffs + self.queue * (d != self.s)
             return start
         parts = []
         for p in range(self.n):
