@@ -24,9 +24,10 @@ where the median of two is their mean (a full run takes about 48 minutes instead
 Right before each ``lan`` case the backend is calibrated (:mod:`optisplit.calibrate`, as
 ``optisplit calibrate``: per-message, hand-off and per-request costs; they drift by a millisecond
 or two over minutes here); ``wifi`` and ``constrained`` cases reuse the last calibration (the
-probe needs fast links). ``thr0 MAPE%`` is the throughput error of the
-same measurements against predictions without ``request_ms``, ``thr-h%`` without the shared
-host's per-core bound (as if each device were a machine of its own). ``thr ord%`` is the share
+probe needs fast links). ``lat-mb%`` is the latency error of the same measurements against
+predictions whose hand-offs cost the same whatever bytes they carry (``handoff_ms_per_mb`` 0),
+``thr0 MAPE%`` the throughput error against predictions without ``request_ms``, ``thr-h%``
+without the shared host's per-core bound (as if each device were a machine of its own). ``thr ord%`` is the share
 of plan pairs measured in the predicted throughput order, over the pairs whose predicted
 throughputs differ by more than the case's round-against-round error (``rr thr%``): Spearman
 over a front of near-equal plans ranks the measurement's noise. ``strm%`` and ``strm max%`` are
@@ -223,6 +224,17 @@ def _case(
         {**r, "predicted": _objectives(bare.evaluate(e.plan))} for r, e in zip(results, front)
     ]
     without = compare_plans(plans_from_results(unloaded), backend=backend)
+    # and with hand-offs of a fixed cost, whatever bytes they carry
+    fixed = load_cost_model(
+        model,
+        bed,
+        profiles_root=args.profiles,
+        overheads=dataclasses.replace(overheads, handoff_ms_per_mb=0.0),
+    )
+    flat = [
+        {**r, "predicted": _objectives(fixed.evaluate(e.plan))} for r, e in zip(results, front)
+    ]
+    unsized = compare_plans(plans_from_results(flat), backend=backend)
     # and without the shared host's cores (each device on a machine of its own)
     apart = dataclasses.replace(
         bed, devices={n: dataclasses.replace(d, cores=None) for n, d in bed.devices.items()}
@@ -248,6 +260,10 @@ def _case(
         "without_request_ms": {
             "latency_mape": without.latency_mape,
             "throughput_mape": without.throughput_mape,
+        },
+        "without_handoff_per_mb": {
+            "latency_mape": unsized.latency_mape,
+            "throughput_mape": unsized.throughput_mape,
         },
         "without_host_cores": {
             "latency_mape": without_cores.latency_mape,
@@ -440,7 +456,7 @@ def _fmt(value: Any, spec: str) -> str:
 def _print(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'testbed':8} {'condition':12} {'model':13} {'backend':7} {'plans':>5} "
-        f"{'lat MAPE%':>9} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'thr-h%':>6} "
+        f"{'lat MAPE%':>9} {'lat-mb%':>7} {'thr MAPE%':>9} {'thr0 MAPE%':>10} {'thr-h%':>6} "
         f"{'lat rho':>7} {'thr rho':>7} {'thr ord%':>8} "
         f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'strm%':>5} {'strm max%':>9} "
         f"{'rr thr%':>7} "
@@ -455,6 +471,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
         print(
             f"{r['testbed']:8} {r['condition']:12} {r['model']:13} {r['backend']:7} "
             f"{r['plans']:>5} {_fmt(r['latency_mape'], '9.1f')} "
+            f"{_fmt(r.get('without_handoff_per_mb', {}).get('latency_mape'), '7.1f')} "
             f"{_fmt(r['throughput_mape'], '9.1f')} "
             f"{_fmt(r['without_request_ms']['throughput_mape'], '10.1f')} "
             f"{_fmt(r.get('without_host_cores', {}).get('throughput_mape'), '6.1f')} "

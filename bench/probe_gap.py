@@ -11,6 +11,8 @@ model's compute, for models of about the same compute:
   request as a zoo model);
 - ``probe_wide_io``: ``probe`` behind a 7x7, stride-7 convolution of a 224 x 224 image and with
   a head of 1000 classes (588 KiB in, 4 KiB out, as the zoo models);
+- ``wide``: calibration's wide probe (``optisplit.calibrate.wide_probe_model``: 588 KiB in, 40
+  bytes out, 4 layers), from whose hand-offs it reads ``handoff_ms_per_mb``;
 - the zoo models of ``--models`` (default ``mobilenet_v2``).
 
 Per model and backend (medians over ``--rounds``, the models taking turns): the period
@@ -18,7 +20,9 @@ Per model and backend (medians over ``--rounds``, the models taking turns): the 
 device's period beyond it (``excess``: the runtime's own work while requests stream, as the
 cost model counts it in ``request_ms``), the device's CPU per request beyond ``alone``
 (``cpu excess``), the source's relay CPU, the delay forwarder's and the client's (what the
-helper cores' busy time leaves after the other two).
+helper cores' busy time leaves after the other two), and the client's two local hand-offs
+(``handoff in``: the input to the source; ``handoff out``: the output from the sink), which the
+cost model predicts as ``handoff_ms + handoff_ms_per_mb * MB`` each.
 
 With ``--split F`` (0 < F < 1) each model is split instead: the source runs its first ``F`` of
 the blocks and the second device the rest (``source[0:c] -> other[c:B]``), as calibration's
@@ -53,6 +57,7 @@ PROBES = {
     "plain": "bench.probe_gap:plain",
     "probe": "bench.probe_gap:probe",
     "probe_wide_io": "bench.probe_gap:wide_io",
+    "wide": "optisplit.calibrate:wide_probe_model",
 }
 
 
@@ -154,6 +159,8 @@ WHOLE_KEYS = (
     "relay_ms",
     "forwarder_ms",
     "client_ms",
+    "handoff_in_ms",
+    "handoff_out_ms",
 )
 SPLIT_KEYS = (
     "period_ms",
@@ -166,6 +173,8 @@ SPLIT_KEYS = (
     "excess_ms",
     "forwarder_ms",
     "client_ms",
+    "handoff_in_ms",
+    "handoff_out_ms",
 )
 
 
@@ -179,7 +188,13 @@ def _run(testbed: Any, backend: str, model: str, split: float) -> dict[str, floa
     )
     period = 1000.0 / measured["throughput_rps"]
     figures = helper_figures(testbed, measured)
-    helpers = {"forwarder_ms": figures["forwarder_ms"], "client_ms": figures["client_ms"]}
+    helpers = {
+        "forwarder_ms": figures["forwarder_ms"],
+        "client_ms": figures["client_ms"],
+        # the first and last transfers: the client's local hand-offs at the source and sink
+        "handoff_in_ms": measured["transfers"][0]["ms"],
+        "handoff_out_ms": measured["transfers"][-1]["ms"],
+    }
     if split:
         src, dst = measured["stages"]
         # the transfers: the hand-off at the source, the cut, the output back, the hand-off
