@@ -32,7 +32,9 @@ of plan pairs measured in the predicted throughput order, over the pairs whose p
 throughputs differ by more than the case's round-against-round error (``rr thr%``): Spearman
 over a front of near-equal plans ranks the measurement's noise. ``strm%`` and ``strm max%`` are
 the median and the largest over the plans of ``compare``'s stream slowdown: how much slower a
-plan's slowest-to-stream stage computed while requests streamed than one at a time.
+plan's slowest-to-stream stage computed while requests streamed than one at a time. ``hand ms``
+and ``pred`` are the client's two hand-offs per request (input and output), measured (median
+over the plans) and predicted.
 
 Prints a table and writes bench/results/fidelity.json (every plan's predicted and measured
 values, per-stage compute and per-hop times included, for diagnosis).
@@ -44,6 +46,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -312,10 +315,27 @@ def _diagnostics(
             "throughput_spearman": given.throughput_spearman,
         },
         "round_vs_round": dict(repeat or {}),
+        "handoffs": _handoffs(cost, results),
         "stream_slowdown_pct": measured.stream_slowdown_pct,
         "stream_slowdown_max_pct": max(measured.stream_slowdowns, default=None),
         "resolved_pairs": _resolved_pairs(results, repeat),
         "host_full": _host_full(cost, results),
+    }
+
+
+def _handoffs(cost: Any, results: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The client's two local hand-offs per request (the first and last hops: the input to the
+    source, the output from the sink), measured (median over the plans) and predicted."""
+    hops = [
+        (r["measured"]["transfers"][0]["ms"], r["measured"]["transfers"][-1]["ms"])
+        for r in results
+        if r.get("measured") and r["measured"].get("transfers")
+    ]
+    sums = [a + b for a, b in hops if a is not None and b is not None]
+    return {
+        "measured_ms": statistics.median(sums) if sums else None,
+        "predicted_ms": cost.overheads.handoffs_ms(cost.cut_bytes[0], cost.cut_bytes[-1]),
+        "fixed_ms": 2 * cost.overheads.handoff_ms,
     }
 
 
@@ -461,7 +481,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
         f"{'prec':>5} {'recall':>6} {'cmp MAPE%':>9} {'thr|c%':>6} {'strm%':>5} {'strm max%':>9} "
         f"{'rr thr%':>7} "
         f"{'rr rho':>6} {'eps n':>5} {'eps lat%':>8} {'eps thr%':>8} {'eps lrho':>8} "
-        f"{'eps trho':>8} {'s':>6}"
+        f"{'eps trho':>8} {'hand ms':>7} {'pred':>5} {'s':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -488,7 +508,9 @@ def _print(rows: list[dict[str, Any]]) -> None:
             f"{_fmt(thin.get('plans'), '5d')} {_fmt(thin.get('latency_mape'), '8.1f')} "
             f"{_fmt(thin.get('throughput_mape'), '8.1f')} "
             f"{_fmt(thin.get('latency_spearman'), '8.2f')} "
-            f"{_fmt(thin.get('throughput_spearman'), '8.2f')} {r['seconds']:>6}"
+            f"{_fmt(thin.get('throughput_spearman'), '8.2f')} "
+            f"{_fmt(r.get('handoffs', {}).get('measured_ms'), '7.2f')} "
+            f"{_fmt(r.get('handoffs', {}).get('predicted_ms'), '5.2f')} {r['seconds']:>6}"
         )
 
 
