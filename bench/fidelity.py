@@ -27,8 +27,9 @@ or two over minutes here); ``wifi`` and ``constrained`` cases reuse the last cal
 probe needs fast links). ``lat-mb%`` is the latency error of the same measurements against
 predictions whose hand-offs cost the same whatever bytes they carry (``handoff_ms_per_mb`` 0),
 ``thr0 MAPE%`` the throughput error against predictions without ``request_ms``, ``thr-h%``
-without the shared host's per-core bound (as if each device were a machine of its own). ``thr ord%`` is the share
-of plan pairs measured in the predicted throughput order, over the pairs whose predicted
+without the shared host's per-core bound (as if each device were a machine of its own).
+``thr ord%`` is the share of plan pairs measured in the predicted throughput order, over the
+pairs whose predicted
 throughputs differ by more than the case's round-against-round error (``rr thr%``): Spearman
 over a front of near-equal plans ranks the measurement's noise. ``strm%`` and ``strm max%`` are
 the median and the largest over the plans of ``compare``'s stream slowdown: how much slower a
@@ -318,11 +319,20 @@ def _handoffs(cost: Any, results: list[dict[str, Any]]) -> dict[str, float | Non
         if r.get("measured") and r["measured"].get("transfers")
     ]
     sums = [a + b for a, b in hops if a is not None and b is not None]
+    predicted, fixed = _predicted_handoffs(cost)
     return {
         "measured_ms": statistics.median(sums) if sums else None,
-        "predicted_ms": cost.overheads.handoffs_ms(cost.cut_bytes[0], cost.cut_bytes[-1]),
-        "fixed_ms": 2 * cost.overheads.handoff_ms,
+        "predicted_ms": predicted,
+        "fixed_ms": fixed,
     }
+
+
+def _predicted_handoffs(cost: Any) -> tuple[float, float]:
+    """The two hand-offs per request the cost model predicts, with its calibrated
+    ``handoff_ms_per_mb`` and with that term at 0."""
+    flat = dataclasses.replace(cost.overheads, handoff_ms_per_mb=0.0)
+    moved = (cost.cut_bytes[0], cost.cut_bytes[-1])
+    return cost.overheads.handoffs_ms(*moved), flat.handoffs_ms(*moved)
 
 
 def _without_handoff_per_mb(
@@ -331,8 +341,8 @@ def _without_handoff_per_mb(
     """The latency MAPE of the stored predictions with hand-offs of a fixed cost: the per-MB
     term adds the same to every plan's latency (the input and output bytes are the model's),
     so it is taken off each prediction as it stands."""
-    overheads = cost.overheads
-    shift = overheads.handoffs_ms(cost.cut_bytes[0], cost.cut_bytes[-1]) - 2 * overheads.handoff_ms
+    predicted, fixed = _predicted_handoffs(cost)
+    shift = predicted - fixed
     flat = [
         {**r, "predicted": {**r["predicted"], "latency_ms": r["predicted"]["latency_ms"] - shift}}
         if r.get("predicted")

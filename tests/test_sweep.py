@@ -171,9 +171,9 @@ def test_handoffs_add_two_local_messages_to_the_latency() -> None:
     # sink, whichever devices run the stages; throughput's bound is not a hand-off's
     per_mb = Overheads(handoff_ms=1.5, handoff_ms_per_mb=2.0)
     moved_mb = (CUT_BYTES[0] + CUT_BYTES[-1]) / 1e6
+    base = CostModel(testbed, profiles, overheads=Overheads(handoff_ms=1.5), depth=0)
+    grown = CostModel(testbed, profiles, overheads=per_mb, depth=0)
     for text in ("edge[0:4]", "edge[0:2] -> server[2:4]", "server[0:4]"):
-        base = CostModel(testbed, profiles, overheads=Overheads(handoff_ms=1.5), depth=0)
-        grown = CostModel(testbed, profiles, overheads=per_mb, depth=0)
         before, after = base.evaluate(Plan.parse(text)), grown.evaluate(Plan.parse(text))
         assert after.latency_ms == pytest.approx(before.latency_ms + 2.0 * moved_mb), text
         assert after.throughput_rps == pytest.approx(before.throughput_rps), text
