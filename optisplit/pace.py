@@ -14,21 +14,50 @@ needs.
 Pacing threads ask for tight timers, and the usual wake-up lateness of a sleep is taken off the
 next rest, so many short blocks keep the pace. The emulated testbed hands the speed to every
 process it starts as a paced device through the ``OPTISPLIT_PACE`` environment variable.
+
+**Anchored pacing.** A shared host's cores change speed by tens of per cent over seconds (5-s
+medians of one model 1.4 times apart, ``bench/drift.py``), and plain pacing passes that on: the
+device is ``s`` of whatever the core is doing now. An anchored pacer also times a fixed
+reference kernel (:class:`SpeedReference`: four 128x128 matrix products, about 0.25 ms) in its
+rests and stretches work to ``c / (s * h)``, where ``h`` is the reference's recent median over
+an anchor fixed when the testbed came up (``OPTISPLIT_PACE_ANCHOR``, ms): when the host runs
+slow, the device rests less and keeps its speed; when it runs fast, it rests more. A CPU-clock
+profile of the device divides each round by ``h`` measured right after it. Both sides then
+describe the device at the anchor's speed, whatever the host does in between, as long as
+``s * h`` stays below 1. ``bench/anchor.py`` runs one model as a paced stage with both pacers
+taking turns inside each device's sandbox.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from optisplit.errors import UsageError
 
-__all__ = ["ENV", "PacedBlocks", "Pacer", "check_speed", "pace_from_env", "pace_of"]
+__all__ = [
+    "ANCHOR_ENV",
+    "ENV",
+    "PacedBlocks",
+    "Pacer",
+    "SpeedReference",
+    "anchor_from_env",
+    "check_anchor",
+    "check_speed",
+    "pace_from_env",
+    "pace_of",
+]
 
 ENV = "OPTISPLIT_PACE"
+ANCHOR_ENV = "OPTISPLIT_PACE_ANCHOR"
+# The reference's slowdown is believed within these bounds only: beyond them the sample is
+# broken (a stall, a migration), not the host's speed.
+_SLOWDOWN_BOUNDS = (0.5, 2.0)
 # Owed rest below this is kept for later: a sleep call costs tens of microseconds by itself.
 _MIN_SLEEP_NS = 50_000
 # Overslept time credited to the next rests, at most this much: a thread kept from its core for
@@ -36,6 +65,8 @@ _MIN_SLEEP_NS = 50_000
 _MAX_CREDIT_NS = 2_000_000
 # Timer slack of a pacing thread (the kernel's default of 50 us would add to every rest).
 _SLACK_NS = 1_000
+# An anchored pacer samples its reference (about 0.25 ms) only in rests at least this long.
+_SAMPLE_IN_REST_NS = 1_000_000
 _local = threading.local()
 
 
@@ -68,6 +99,108 @@ def pace_of(throttle: str, cpu_quota: float | None) -> float | None:
     return cpu_quota
 
 
+def check_anchor(anchor_ms: float | str, where: str = "anchor") -> float:
+    """``anchor_ms`` as a positive float; raises UsageError otherwise."""
+    try:
+        value = float(anchor_ms)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected a positive time in ms, got {anchor_ms!r}") from None
+    if not value > 0.0 or value == float("inf"):
+        raise UsageError(f"{where}: expected a positive time in ms, got {anchor_ms!r}")
+    return value
+
+
+def anchor_from_env() -> float | None:
+    """The reference time this process paces against (``OPTISPLIT_PACE_ANCHOR``), or None."""
+    raw = os.environ.get(ANCHOR_ENV, "").strip()
+    return check_anchor(raw, ANCHOR_ENV) if raw else None
+
+
+class SpeedReference:
+    """A fixed kernel timed on the calling thread: how slow this core runs now against an anchor.
+
+    ``sample()`` runs the kernel once and keeps its CPU time among the last ``window``;
+    ``slowdown()`` is their median over ``anchor_ms`` (1.0 before any sample), bounded to
+    ``_SLOWDOWN_BOUNDS``. The kernel needs torch, which every paced worker and profiler has.
+
+    Args:
+        anchor_ms: the kernel's time at the speed the device is to keep (see ``measure``);
+            None only for measuring one.
+        window: samples the median is over.
+        interval_s: ``due()`` is true this long after the last sample.
+    """
+
+    def __init__(
+        self, anchor_ms: float | None, *, window: int = 9, interval_s: float = 0.05
+    ) -> None:
+        import torch
+
+        self.anchor_ms = None if anchor_ms is None else check_anchor(anchor_ms)
+        generator = torch.Generator().manual_seed(0)
+        self._a = torch.randn(128, 128, generator=generator)
+        self._samples: deque[float] = deque(maxlen=max(1, window))
+        self.interval_s = interval_s
+        self._last = float("-inf")
+        self._kernel()  # the first call pays for lazy set-up
+
+    @classmethod
+    def from_env(cls) -> SpeedReference | None:
+        """A reference against ``OPTISPLIT_PACE_ANCHOR``, or None when it is not set."""
+        anchor = anchor_from_env()
+        return None if anchor is None else cls(anchor)
+
+    def _kernel(self) -> None:
+        a = self._a
+        for _ in range(4):
+            a @ a
+
+    def time_ms(self) -> float:
+        """CPU ms of one run of the kernel on this thread (not kept), right after an untimed
+        one: the timed run finds its operands in the caches whatever ran before it (after a
+        model's stage a lone run took 1.25 times as long as in a loop of runs)."""
+        self._kernel()
+        start = time.thread_time_ns()
+        self._kernel()
+        return (time.thread_time_ns() - start) / 1e6
+
+    def sample(self) -> float:
+        """Run the kernel, keep its time among the recent ones; returns that time (ms)."""
+        ms = self.time_ms()
+        self._samples.append(ms)
+        self._last = time.monotonic()
+        return ms
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.interval_s
+
+    def slowdown(self) -> float:
+        """Median of the recent samples over the anchor (> 1: the core runs slow now)."""
+        if not self._samples or self.anchor_ms is None:
+            return 1.0
+        low, high = _SLOWDOWN_BOUNDS
+        return min(high, max(low, statistics.median(self._samples) / self.anchor_ms))
+
+    def measure(self, runs: int = 5) -> float:
+        """A fresh slowdown: ``runs`` samples now, the median over them alone."""
+        self._samples.clear()
+        for _ in range(max(1, runs)):
+            self.sample()
+        return self.slowdown()
+
+    @classmethod
+    def anchor(cls, seconds: float = 1.0) -> float:
+        """The kernel's median time (ms) over ``seconds`` of runs on this thread: an anchor."""
+        import torch
+
+        torch.set_num_threads(1)
+        reference = cls(None)
+        times: list[float] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end or len(times) < 5:
+            times.append(reference.time_ms())
+        return statistics.median(times)
+
+
 def pace_from_env() -> float | None:
     """The speed this process runs at (``OPTISPLIT_PACE``), or None when it is not paced."""
     raw = os.environ.get(ENV, "").strip()
@@ -78,10 +211,16 @@ def pace_from_env() -> float | None:
 
 
 class Pacer:
-    """Rests after each piece of work so that it takes ``1 / speed`` times its CPU time."""
+    """Rests after each piece of work so that it takes ``1 / speed`` times its CPU time.
 
-    def __init__(self, speed: float) -> None:
+    With a ``reference`` (anchored pacing, see the module docstring) the work takes
+    ``1 / (speed * h)`` times its CPU time, ``h`` the reference's slowdown; the reference is
+    sampled in the rests, at most every ``reference.interval_s``, and its time is rest time.
+    """
+
+    def __init__(self, speed: float, reference: SpeedReference | None = None) -> None:
         self.speed = check_speed(speed)
+        self.reference = reference
         self._owed_ns = 0.0
 
     def rest(self, cpu_ns: int, wall_ns: int | None = None) -> None:
@@ -92,13 +231,19 @@ class Pacer:
         paced device is only slowed by others when they leave it less than its speed.
         """
         spent = cpu_ns if wall_ns is None else wall_ns
-        self._owed_ns = max(self._owed_ns + cpu_ns / self.speed - spent, -_MAX_CREDIT_NS)
+        reference = self.reference
+        share = self.speed if reference is None else self.speed * reference.slowdown()
+        self._owed_ns = max(self._owed_ns + cpu_ns / share - spent, -_MAX_CREDIT_NS)
         if self._owed_ns < _MIN_SLEEP_NS:
             return
         if not getattr(_local, "tight", False):
             _tight_timers()
         start = time.perf_counter_ns()
-        time.sleep(self._owed_ns / 1e9)
+        if reference is not None and self._owed_ns > _SAMPLE_IN_REST_NS and reference.due():
+            reference.sample()
+        left_ns = self._owed_ns - (time.perf_counter_ns() - start)
+        if left_ns > 0:
+            time.sleep(left_ns / 1e9)
         self._owed_ns = max(self._owed_ns - (time.perf_counter_ns() - start), -_MAX_CREDIT_NS)
 
     def run(self, work: Callable[..., Any], *args: Any) -> Any:

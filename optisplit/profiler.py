@@ -39,13 +39,14 @@ import gc
 import logging
 import os
 import platform
+import statistics
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from optisplit.errors import UsageError
-from optisplit.pace import Pacer
+from optisplit.pace import Pacer, SpeedReference
 from optisplit.profile import BlockProfile, BlockTiming
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ def profile_model(
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     pace: float | None = None,
     spread_s: float = 0.0,
+    anchor_ms: float | None = None,
 ) -> BlockProfile:
     """Build a zoo (or user) model, trace it and profile it on this host as ``device``.
 
@@ -130,6 +132,7 @@ def profile_model(
         max_seconds=max_seconds,
         pace=pace,
         spread_s=spread_s,
+        anchor_ms=anchor_ms,
     )
 
 
@@ -182,6 +185,7 @@ def profile_chain(
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     pace: float | None = None,
     spread_s: float = 0.0,
+    anchor_ms: float | None = None,
 ) -> BlockProfile:
     """Profile every block of ``chain`` and the whole model on this host as ``device``.
 
@@ -208,6 +212,11 @@ def profile_chain(
             over seconds (``bench/drift.py``), a Pi's with its temperature. ``max_seconds``
             then counts from the end of the spread. Each round's whole-model run starts half
             a round after its blocks, so that both start after a rest.
+        anchor_ms: with ``pace``, the reference time the device keeps to (anchored pacing,
+            :mod:`optisplit.pace`): the wall clock's rests follow the reference's slowdown as a
+            worker's do, and the CPU clock divides each round's blocks, and its whole-model
+            run, by the slowdown measured right after them. Recorded in the provenance, with
+            the slowdowns' median, lowest and highest.
     """
     import torch
 
@@ -224,7 +233,9 @@ def profile_chain(
     # paced worker's stages in a pipeline (optisplit validate on the local testbed) ran within
     # -3..+6 % of the unpaced profile. So a CPU-clock profile times the work unpaced; the cost
     # model divides by the pace.
-    pacer = None if pace is None or clock == "cpu" else Pacer(pace)
+    reference = None if pace is None or anchor_ms is None else SpeedReference(anchor_ms)
+    pacer = None if pace is None or clock == "cpu" else Pacer(pace, reference)
+    slowdowns: list[float] = []
     if sandbox:
         chain = trace(
             copy.deepcopy(chain.model),
@@ -242,7 +253,16 @@ def profile_chain(
     try:
         with torch.inference_mode():
             block_ms, whole_ms, mem, start_extra_ms = _measure(
-                chain, warmup, repeats, timer, on_progress, max_seconds, pacer, spread_s
+                chain,
+                warmup,
+                repeats,
+                timer,
+                on_progress,
+                max_seconds,
+                pacer,
+                spread_s,
+                reference if pacer is None else None,
+                slowdowns,
             )
     finally:
         torch.set_num_threads(previous)
@@ -256,6 +276,14 @@ def profile_chain(
         settings["spread_s"] = spread_s
     if pace is not None:
         settings["pace"] = pace
+    if reference is not None:
+        settings["anchor_ms"] = reference.anchor_ms
+    if slowdowns:
+        settings["slowdown"] = {
+            "median": statistics.median(slowdowns),
+            "min": min(slowdowns),
+            "max": max(slowdowns),
+        }
     profile = _build_profile(chain, device, settings, block_ms, whole_ms, mem, start_extra_ms)
     wander = profile.wander
     if wander is not None and wander > WANDER_WARN:
@@ -299,6 +327,8 @@ def _measure(
     max_seconds: float | None = None,
     pacer: Pacer | None = None,
     spread_s: float = 0.0,
+    reference: SpeedReference | None = None,
+    slowdowns: list[float] | None = None,
 ) -> tuple[list[list[float]], list[float], list[int], list[list[float]]]:
     """Interleaved timing rounds; returns per-block times, whole-model times, peak memory and
     per block, what each of its runs as the first block of a stage took beyond its time in the
@@ -313,6 +343,14 @@ def _measure(
     such a warm run of mobilenet_v2 took 11.5 ms against 12.1 ms after a rest (resnet18: 27.8
     against 28.5; ``bench/rests.py``), and the cost model's ``whole_ms / Σ blocks`` would
     carry that into every stage.
+
+    With a ``reference``, each round's block times are divided by its slowdown measured right
+    after the blocks, and the whole-model and entry runs by the one measured right after the
+    whole model; the timed rounds' slowdowns go to ``slowdowns``. After, not before: a paced
+    worker samples its reference at the start of a rest, right after its work, and a sample
+    taken after an idle spell reads slow (the core is still waking up): measured before the
+    rounds, the slowdowns of one resnet18 profile read 1.11 where the worker's read about 0.7,
+    and its stages ran 37-47 % slower than profiled (``optisplit demo``).
     """
     stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
     inputs = _capture_inputs(stages, chain.example_inputs)
@@ -342,9 +380,16 @@ def _measure(
                 _sleep_until(max(first + timed * slot, time.monotonic() + rest))
             began = time.monotonic()
             times = _run_blocks(stages, chain.example_inputs, timer, pacer)
+            # right after the work, as a paced worker samples it (see the docstring)
+            slow = 1.0 if reference is None else reference.measure()
+            times = [t / slow for t in times]
             if timed >= 0 and slot > 0:  # the whole model starts as cold as the blocks did
                 _sleep_until(began + 0.5 * slot)
             ms = whole.run()
+            slow_whole = 1.0 if reference is None else reference.measure()
+            ms /= slow_whole
+            if round_ >= warmup and reference is not None and slowdowns is not None:
+                slowdowns += [slow, slow_whole]
             if round_ >= warmup:
                 for i, t in enumerate(times):
                     block_ms[i].append(t)
@@ -353,7 +398,7 @@ def _measure(
                 rest = ENTRY_REST_S  # before the next round's blocks, after these runs
                 for _ in range(per_round):
                     block = probed % len(stages)
-                    started = _run_entry(stages[block], inputs[block], timer, pacer)
+                    started = _run_entry(stages[block], inputs[block], timer, pacer) / slow_whole
                     start_extra_ms[block].append(started - times[block])  # vs this round's chain
                     probed += 1
                 if deadline is not None:  # the rounds' budget is for the rounds themselves

@@ -3,6 +3,7 @@ trips with shaped links and CPU quotas, cleanup after a crash, and the loopback 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -147,6 +148,38 @@ def test_cfs_quota_only_where_it_limits() -> None:
     assert sandbox.cfs_quota(device(2.0, None)) == 2.0
     assert sandbox.cfs_quota(device(None, (0,))) is None
     assert sandbox.cfs_quota(device(0.5, (0,), "pace")) is None
+
+
+def test_a_paced_device_keeps_its_anchor_across_conditions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The anchor travels in the state and to the launcher; a testbed brought up again with
+    other links keeps it; a new paced device gets one measured on its cores."""
+    core = min(os.sched_getaffinity(0))
+    paced = state.DeviceState("slow", "ns-s", "10.0.0.1", None, (core,), 0.5, "pace", 0.31)
+    plain = state.DeviceState("fast", "ns-f", "10.0.0.2", None, (core,), None)
+    bed = state.TestbedState("t", 0, {"slow": paced, "fast": plain}, "h", "10.0.0.254", "fw")
+    again = state.TestbedState.from_dict(bed.to_dict())
+    assert again.devices["slow"].anchor_ms == 0.31 and again.devices["fast"].anchor_ms is None
+    old = bed.to_dict()
+    del old["devices"]["slow"]["anchor_ms"]  # a state written before anchors: plain pacing
+    assert state.TestbedState.from_dict(old).devices["slow"].anchor_ms is None
+    prefix = sandbox.command_prefix(bed, "slow")
+    assert prefix[prefix.index("--anchor") + 1] == "0.31" and "--pace" in prefix
+    assert "--anchor" not in sandbox.command_prefix(bed, "fast")
+
+    fresh = {"slow": dataclasses.replace(paced, anchor_ms=None), "fast": plain}
+    kept = sandbox._kept_anchors(bed)
+    assert sandbox._anchored(fresh, kept)["slow"].anchor_ms == 0.31
+    # other cores or another pace: measured again (briefly here), the margin on top
+    monkeypatch.setattr(sandbox, "ANCHOR_SECONDS", 0.1)
+    monkeypatch.setattr(sandbox, "ANCHOR_MARGIN", 1000.0)
+    faster = {"slow": dataclasses.replace(paced, cpu_quota=0.6, anchor_ms=None), "fast": plain}
+    faster["slow2"] = dataclasses.replace(paced, name="slow2", cores=None, anchor_ms=None)
+    measured = sandbox._anchored(faster, kept)
+    assert measured["slow"].anchor_ms is not None and measured["slow"].anchor_ms > 1.0
+    assert measured["slow2"].anchor_ms == measured["slow"].anchor_ms  # one for the testbed
+    assert measured["fast"].anchor_ms is None  # not paced: nothing to anchor
 
 
 def test_helpers_go_to_the_core_the_devices_leave_most_room_on() -> None:

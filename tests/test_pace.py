@@ -17,7 +17,16 @@ from optisplit import emulate, pace
 from optisplit.chain import trace
 from optisplit.cost import CostModel, Overheads
 from optisplit.errors import UsageError
-from optisplit.pace import ENV, PacedBlocks, Pacer, check_speed, pace_from_env
+from optisplit.pace import (
+    ANCHOR_ENV,
+    ENV,
+    PacedBlocks,
+    Pacer,
+    SpeedReference,
+    anchor_from_env,
+    check_speed,
+    pace_from_env,
+)
 from optisplit.plan import Plan
 from optisplit.profiler import profile_chain
 from optisplit.runtime.base import ModelSpec
@@ -261,3 +270,106 @@ def test_a_paced_stage_rests_once_after_all_its_blocks() -> None:
     assert len(pacer.works_ns) == 1  # the blocks ran back to back, one rest for the stage
     assert pacer.works_ns[0] / 1e9 >= 3 * 0.004
     assert wall / cpu > 2.0 * 0.9  # half a core: twice the stage's CPU time
+
+
+def test_anchor_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ANCHOR_ENV, raising=False)
+    assert anchor_from_env() is None and SpeedReference.from_env() is None
+    monkeypatch.setenv(ANCHOR_ENV, "0.25")
+    assert anchor_from_env() == 0.25
+    reference = SpeedReference.from_env()
+    assert reference is not None and reference.anchor_ms == 0.25
+    for bad in ("0", "-1", "inf", "soon"):
+        monkeypatch.setenv(ANCHOR_ENV, bad)
+        with pytest.raises(UsageError, match=ANCHOR_ENV):
+            anchor_from_env()
+
+
+def test_speed_reference_reads_its_recent_median_against_the_anchor() -> None:
+    reference = SpeedReference(0.2, window=3)
+    assert reference.slowdown() == 1.0  # nothing sampled yet
+    ms = reference.sample()
+    assert ms > 0 and reference.slowdown() == pytest.approx(min(2.0, max(0.5, ms / 0.2)))
+    reference._samples.extend([0.3, 0.1, 0.3])  # the window keeps the last three
+    assert reference.slowdown() == pytest.approx(1.5)
+    reference._samples.extend([0.9, 0.9, 0.9])  # a stall, not the host's speed: bounded
+    assert reference.slowdown() == 2.0
+    reference._samples.extend([0.01] * 3)
+    assert reference.slowdown() == 0.5
+    # measure() starts over: its samples alone, all from now
+    fresh = reference.measure(runs=4)
+    assert len(reference._samples) == 3 and 0.5 <= fresh <= 2.0
+    # an anchor is the kernel's own median time on this thread
+    anchor = SpeedReference.anchor(0.1)
+    assert 0.001 < anchor < 50
+
+
+def _held(reference: SpeedReference, slowdown: float) -> SpeedReference:
+    """``reference`` holding one slowdown, sampling no more."""
+    assert reference.anchor_ms is not None
+    reference._samples.clear()
+    reference._samples.append(slowdown * reference.anchor_ms)
+    reference.interval_s = 1e9
+    reference._last = time.monotonic()
+    return reference
+
+
+def test_anchored_pacer_rests_for_the_speed_at_its_anchor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(pace.time, "sleep", slept.append)
+    reference = SpeedReference(0.2)
+    slow_host = Pacer(0.5, _held(reference, 1.5))
+    slow_host.rest(4_000_000, 4_000_000)  # 4 ms of work on a core 1.5x slow: 4 / 0.75 in all
+    assert slept == [pytest.approx(4 / 0.75 / 1e3 - 0.004, abs=1e-4)]
+    fast_host = Pacer(0.5, _held(SpeedReference(0.2), 0.5))
+    fast_host.rest(4_000_000, 4_000_000)  # on a core twice as fast: 4 / 0.25 in all
+    assert slept[1] == pytest.approx(0.012, abs=1e-4)
+    plain = Pacer(0.5)
+    plain.rest(4_000_000, 4_000_000)
+    assert slept[2] == pytest.approx(0.004, abs=1e-4)
+
+
+def test_anchored_pacer_samples_its_reference_in_long_rests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(pace.time, "sleep", slept.append)
+    reference = SpeedReference(1e6)  # an anchor no sample comes near: slowdown 0.5
+    pacer = Pacer(0.5, reference)
+    pacer.rest(200_000, 200_000)  # a short rest: no sample
+    assert not reference._samples
+    pacer.rest(4_000_000, 4_000_000)  # due and long enough: one sample, taken off the sleep
+    assert len(reference._samples) == 1
+    assert reference.slowdown() == 0.5
+    assert slept[-1] < (0.2 + 4.0) / 1e3 - reference._samples[0] / 1e3 + 1e-4
+    pacer.rest(4_000_000, 4_000_000)  # not due again this soon
+    assert len(reference._samples) == 1
+
+
+def test_launcher_hands_the_anchor_to_the_command() -> None:
+    code = f"import os; print(os.environ.get({ANCHOR_ENV!r}))"
+    launcher = [sys.executable, "-m", "optisplit.emulate.enter", "--pace", "0.4"]
+    launcher += ["--anchor", "0.31", "--"]
+    out = subprocess.run([*launcher, sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0.31"
+    bad = [sys.executable, "-m", "optisplit.emulate.enter", "--anchor", "-2", "--", "true"]
+    out = subprocess.run(bad, capture_output=True, text=True)
+    assert out.returncode == 1 and "expected a positive time" in out.stderr
+
+
+def test_an_anchored_cpu_clock_profile_divides_by_the_slowdown() -> None:
+    layers = [torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(3)]
+    chain = trace(torch.nn.Sequential(*layers).eval(), (torch.randn(1, 32, 32, 32),))
+    kwargs = {"device": "d", "warmup": 1, "repeats": 8, "max_seconds": None, "clock": "cpu"}
+    anchor = SpeedReference.anchor(0.2)
+    near = profile_chain(chain, pace=0.5, anchor_ms=anchor, **kwargs)  # type: ignore[arg-type]
+    far = profile_chain(chain, pace=0.5, anchor_ms=2 * anchor, **kwargs)  # type: ignore[arg-type]
+    assert near.provenance["anchor_ms"] == anchor
+    spread = near.provenance["slowdown"]
+    assert 0.5 <= spread["min"] <= spread["median"] <= spread["max"] <= 2.0
+    # against an anchor twice as long the host reads twice as fast: the work counts double
+    assert 1.4 < far.sum_ms / near.sum_ms < 2.9, (far.sum_ms, near.sum_ms)
+    plain = profile_chain(chain, pace=0.5, **kwargs)  # type: ignore[arg-type]
+    assert "anchor_ms" not in plain.provenance and "slowdown" not in plain.provenance

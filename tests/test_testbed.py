@@ -45,7 +45,7 @@ def test_shipped_testbeds_load() -> None:
     local = load_testbed("local", root=ROOT)
     assert local.devices["slow"].cpu_quota == 0.5 and local.devices["slow"].cores == (1,)
     assert local.devices["slow"].throttle == "pace" and local.devices["slow"].pace == 0.5
-    assert local.devices["fast"].throttle == "quota" and local.devices["fast"].pace is None
+    assert local.devices["fast"].throttle == "pace" and local.devices["fast"].pace == 0.8
     assert parse_testbed(local.to_dict()) == local
     assert local.devices["fast"].profile == "fast"
     pi = load_testbed("pi-gpu", root=ROOT).devices["pi1"]
@@ -145,7 +145,7 @@ def test_host_cores_and_helper_cores() -> None:
     local3 = load_testbed("local3", root=ROOT)
     assert local3.host_cores == (0, 1)
     devices = list(local3.devices.values())
-    assert core_shares(devices, [0, 1]) == pytest.approx({0: 1.0, 1: 0.7})
+    assert core_shares(devices, [0, 1]) == pytest.approx({0: 0.8, 1: 0.7})
     assert helper_cores(devices, [0, 1]) == (1,)
     # cores the devices leave alone come first; a full host leaves the helpers anywhere
     assert helper_cores(devices, [0, 1, 2]) == (2,)

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         if code is not None:
             return code
     target = _target(args)
-    from optisplit.pace import pace_from_env
+    from optisplit.pace import anchor_from_env, pace_from_env
     from optisplit.profile import save_profile
     from optisplit.profiler import profile_model
 
@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds if args.max_seconds > 0 else None,
             spread_s=args.spread,
             pace=pace_from_env(),  # set when run as a paced device of an emulated testbed
+            anchor_ms=anchor_from_env(),  # and the speed it keeps to (anchored pacing)
         )
     path = save_profile(result, target)
     if args.json:

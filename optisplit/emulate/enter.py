@@ -1,9 +1,10 @@
 """Launcher: join a device's cgroup, pin to its cores, enter its network namespace, exec.
 
-``python -m optisplit.emulate.enter [--cgroup DIR] [--cores 0,1] [--netns NAME] [--pace S] -- ARGV``
+``python -m optisplit.emulate.enter [--cgroup DIR] [--cores 0,1] [--netns NAME] [--pace S] [--anchor MS] -- ARGV``
 
 ``--pace`` hands a paced device's speed to the command (``OPTISPLIT_PACE``, see
-:mod:`optisplit.pace`).
+:mod:`optisplit.pace`), ``--anchor`` the reference time it paces against
+(``OPTISPLIT_PACE_ANCHOR``, anchored pacing).
 
 The order matters: the cgroup is joined first, while ``/sys`` is still the host's, and the
 namespace is entered with ``setns(2)`` rather than ``ip netns exec`` (which remounts ``/sys``).
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--netns", help="network namespace name (under /run/netns)")
     parser.add_argument("--ifname", help="the namespace's interface, for TensorPipe and Gloo")
     parser.add_argument("--pace", help="speed of a paced device, in (0, 1]")
+    parser.add_argument("--anchor", help="reference kernel time (ms) a paced device keeps to")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     return parser
 
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             from optisplit.pace import ENV, check_speed
 
             os.environ[ENV] = str(check_speed(args.pace, "--pace"))
+        if args.anchor:
+            from optisplit.pace import ANCHOR_ENV, check_anchor
+
+            os.environ[ANCHOR_ENV] = str(check_anchor(args.anchor, "--anchor"))
         os.execvp(command[0], command)
     except Exception as exc:  # reported as one line; the caller sees exit code 1
         print(f"enter: {exc}", file=sys.stderr)

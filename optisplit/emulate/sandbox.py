@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -103,6 +105,7 @@ def build(testbed: Testbed) -> TestbedState:
         state = running(testbed)
         if state is not None and state.spec == spec:
             return state
+        kept = _kept_anchors(state)
         _teardown_locked(testbed.name)
         state = _plan(testbed, spec)
         write_state(state)  # first, so that a crash half-way can still be cleaned up
@@ -110,12 +113,95 @@ def build(testbed: Testbed) -> TestbedState:
             _make_devices(state)
             netns.add_tun(state.host_if, netns=None, address=state.host_address, mtu=MTU)
             pid = _start_forwarder(state)
+            devices = _anchored(state.devices, kept)
         except BaseException:
             _teardown_locked(testbed.name)
             raise
-        state = TestbedState(**{**state.__dict__, "forwarder_pid": pid})
+        state = TestbedState(**{**state.__dict__, "forwarder_pid": pid, "devices": devices})
         write_state(state)
         return state
+
+
+# Seconds of reference runs that fix a paced device's anchor when its testbed comes up, and
+# how much slower than their median the anchor is set. The host's speed at any one moment is
+# a draw from a spread (in one bring-up of ``local`` the reference read 0.21 ms on one core
+# and 0.27 ms on the other): the margin sets the devices' speed at a slow moment of the host
+# rather than a fast one, so that a device paced at 0.8 still keeps its speed through spells 1.1 / 0.8 = 1.37
+# times slower than the moment the anchor was taken.
+ANCHOR_SECONDS = 2.0
+ANCHOR_MARGIN = 1.5
+_ANCHOR_SCRIPT = (
+    "import sys\n"
+    "from optisplit.pace import SpeedReference\n"
+    "print(repr(SpeedReference.anchor(float(sys.argv[1])) * float(sys.argv[2])))\n"
+)
+
+
+def _kept_anchors(state: TestbedState | None) -> dict[tuple[str, Any, Any], float]:
+    """Anchors of a testbed up now, by (device, cores, pace): a testbed brought up again with
+    other links keeps its devices' anchors, so profiles taken under one condition still
+    describe the devices under the next."""
+    if state is None:
+        return {}
+    return {
+        (d.name, d.cores, d.pace): d.anchor_ms
+        for d in state.devices.values()
+        if d.anchor_ms is not None
+    }
+
+
+def _anchored(
+    devices: dict[str, DeviceState], kept: dict[tuple[str, Any, Any], float]
+) -> dict[str, DeviceState]:
+    """``devices`` with one anchor for all the paced ones: kept from before when every one of
+    them is as it was, else measured now on each of their core sets at once, the median of
+    those. One anchor, not one per core: a 2-s reading is a draw from the host's spread, and
+    one per core made the ``fast`` device of ``local`` slower than ``slow`` after one
+    bring-up (72.7 against 69.5 ms of mobilenet_v2, ``bench/anchor.py``): the devices' speeds
+    relative to each other are the testbed's spec."""
+    paced = {name: d for name, d in devices.items() if d.pace is not None}
+    if not paced:
+        return dict(devices)
+    keys = [(name, d.cores, d.pace) for name, d in paced.items()]
+    if all(key in kept for key in keys):
+        anchor = statistics.median(kept[key] for key in keys)
+    else:
+        anchor = _measure_anchor({usable_cores(d.cores) for d in paced.values()})
+    return {
+        name: dataclasses.replace(d, anchor_ms=anchor) if name in paced else d
+        for name, d in devices.items()
+    }
+
+
+def _measure_anchor(core_sets: set[tuple[int, ...] | None]) -> float:
+    """The reference's median time on each core set (all at once), the median over them, times
+    ``ANCHOR_MARGIN``."""
+    script = [sys.executable, "-c", _ANCHOR_SCRIPT, str(ANCHOR_SECONDS), str(ANCHOR_MARGIN)]
+    procs = [
+        subprocess.Popen(
+            [*pin_prefix(cores), *script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": _package_parent()},
+        )
+        for cores in sorted(core_sets, key=lambda c: c or ())
+    ]
+    readings = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                raise TestbedError(f"speed anchor failed: {stderr.strip()[-300:]}")
+            readings.append(float(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return statistics.median(readings)
 
 
 def _plan(testbed: Testbed, spec: dict[str, Any]) -> TestbedState:
@@ -377,4 +463,6 @@ def command_prefix(state: TestbedState, device: str) -> list[str]:
         prefix += ["--cores", ",".join(map(str, kept))]
     if d.pace is not None:
         prefix += ["--pace", str(d.pace)]
+        if d.anchor_ms is not None:
+            prefix += ["--anchor", repr(d.anchor_ms)]
     return [*prefix, "--netns", d.netns, "--ifname", DEVICE_IF, "--"]

@@ -64,6 +64,9 @@ class DeviceState:
     cores: tuple[int, ...] | None
     cpu_quota: float | None
     throttle: str = "quota"
+    # A paced device's reference kernel time (ms) on its cores when the testbed came up: the
+    # speed its anchored pacer keeps to (``optisplit.pace``); None: plain pacing.
+    anchor_ms: float | None = None
 
     @property
     def pace(self) -> float | None:
@@ -102,6 +105,7 @@ class TestbedState:
                 cores=tuple(d["cores"]) if d.get("cores") is not None else None,
                 cpu_quota=d.get("cpu_quota"),
                 throttle=d.get("throttle", "quota"),
+                anchor_ms=d.get("anchor_ms"),
             )
             for name, d in document["devices"].items()
         }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optisplit.errors import ModelError, RuntimeFailure
-from optisplit.pace import PacedBlocks, Pacer
+from optisplit.pace import PacedBlocks, Pacer, SpeedReference
 from optisplit.runtime.base import ModelSpec
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def build_stages(
             )
         if pace is not None and torch_device == "cpu":
             blocks = [chain.stage_module(i, i + 1) for i in range(start, end)]
-            modules.append(PacedBlocks(blocks, Pacer(pace)))
+            modules.append(PacedBlocks(blocks, Pacer(pace, SpeedReference.from_env())))
             continue
         module = chain.stage_module(start, end).eval()
         modules.append(module.to(torch.device(torch_device)))
