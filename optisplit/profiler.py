@@ -349,8 +349,8 @@ def _measure(
     whole model; the timed rounds' slowdowns go to ``slowdowns``. After, not before: a paced
     worker samples its reference at the start of a rest, right after its work, and a sample
     taken after an idle spell reads slow (the core is still waking up): measured before the
-    rounds, the slowdowns of one resnet18 profile read 1.11 where the worker's read about 0.7,
-    and its stages ran 37-47 % slower than profiled (``optisplit demo``).
+    rounds, the slowdowns of one resnet18 profile had a median of 1.11, and its stages ran
+    37-47 % slower than profiled (``optisplit demo``; -1 % once measured after).
     """
     stages = [chain.stage_module(i, i + 1) for i in range(chain.n_blocks)]
     inputs = _capture_inputs(stages, chain.example_inputs)
@@ -388,9 +388,9 @@ def _measure(
             ms = whole.run()
             slow_whole = 1.0 if reference is None else reference.measure()
             ms /= slow_whole
-            if round_ >= warmup and reference is not None and slowdowns is not None:
-                slowdowns += [slow, slow_whole]
             if round_ >= warmup:
+                if reference is not None and slowdowns is not None:
+                    slowdowns += [slow, slow_whole]
                 for i, t in enumerate(times):
                     block_ms[i].append(t)
                 whole_ms.append(ms)
